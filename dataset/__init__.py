@@ -1,0 +1,1 @@
+"""Paired low/normal-light folders, the validation split, and training augmentations."""

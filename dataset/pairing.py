@@ -1,0 +1,98 @@
+"""Find low/normal-light image pairs in a LOL-style folder.
+
+Accepted layouts (folder names in any case): `low/` + `high/` (LOL-v1) and `Low/` + `Normal/`
+(LOL-v2). Images pair by file *name*, never by sort order: `12.png` ~ `12.png`, and LOL-v2's
+`low00690.png` ~ `normal00690.png` (also against `00690.png`). Extensions may differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.image_io import is_image_file
+
+LOW_NAMES = ("low",)
+HIGH_NAMES = ("high", "normal")
+_PREFIX = re.compile(r"^(low|normal|high)[_-]?(?=\d)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """One training or test sample; `name` is the low image's file stem."""
+
+    name: str
+    low: Path
+    high: Path | None
+
+
+def _subfolder(root: Path, names: tuple[str, ...]) -> Path | None:
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and child.name.lower() in names:
+            return child
+    return None
+
+
+def pair_key(path: Path) -> str:
+    """The name two files of a pair share: the stem without LOL-v2's `low`/`normal` prefix."""
+    return _PREFIX.sub("", path.stem).lower()
+
+
+def _images_by_key(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and is_image_file(f):
+            key = pair_key(f)
+            if key in found:
+                raise UserError(f"{found[key]} and {f} both pair as {key!r}; keep one of them")
+            found[key] = f
+    return found
+
+
+def find_pairs(root: str | Path, require_high: bool = True) -> list[ImagePair]:
+    """All pairs under `root`, sorted by name. With `require_high=False` a folder without a
+    `high/` subfolder (or a flat folder of images) gives pairs whose `high` is None."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"input folder {root} does not exist; pass a folder holding low/ and high/")
+    low_dir = _subfolder(root, LOW_NAMES)
+    high_dir = _subfolder(root, HIGH_NAMES)
+    if low_dir is None:
+        if require_high:
+            raise UserError(f"{root} has no low/ (or Low/) subfolder; expected {root}/low and {root}/high")
+        low_dir = root
+    if high_dir is None and require_high:
+        raise UserError(f"{root} has no high/ (or Normal/) subfolder with the ground truth images")
+    lows = _images_by_key(low_dir)
+    if not lows:
+        raise UserError(f"no images in {low_dir}; supported: png, jpg, jpeg, bmp, tif, webp")
+    if high_dir is None:
+        return [ImagePair(p.stem, p, None) for _, p in sorted(lows.items())]
+    highs = _images_by_key(high_dir)
+    unpaired = sorted(set(lows) ^ set(highs))
+    if unpaired:
+        names = [str(lows.get(k) or highs.get(k)) for k in unpaired[:3]]
+        more = f" and {len(unpaired) - 3} more" if len(unpaired) > 3 else ""
+        raise UserError(f"unpaired images: {', '.join(names)}{more} have no partner in "
+                        f"{high_dir if unpaired[0] in lows else low_dir}; add or remove them")
+    return [ImagePair(lows[k].stem, lows[k], highs[k]) for k in sorted(lows)]
+
+
+def is_validation_pair(name: str, val_percent: float) -> bool:
+    """Deterministic hold-out rule shared by both trainers: a pair is in the validation split
+    when the SHA-1 of its pair key, mod 10000, is below `val_percent * 100`.
+
+    It depends on the name alone, so the split is the same on every machine and a pair keeps its
+    side when other pairs are added or missing.
+    """
+    key = pair_key(Path(name)).encode()
+    return int(hashlib.sha1(key).hexdigest(), 16) % 10000 < val_percent * 100
+
+
+def split_pairs(pairs: list[ImagePair], val_percent: float) -> tuple[list[ImagePair], list[ImagePair]]:
+    """(train, validation) by `is_validation_pair`."""
+    val = [p for p in pairs if is_validation_pair(p.name, val_percent)]
+    train = [p for p in pairs if not is_validation_pair(p.name, val_percent)]
+    return train, val

@@ -1,0 +1,1 @@
+"""Shared helpers: image I/O, metrics, checkpoints, losses, options and error handling."""

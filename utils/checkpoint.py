@@ -1,0 +1,143 @@
+"""The one checkpoint writer and the one enhancer loader.
+
+Two formats load:
+- ours: `{'format': 'emnet-enhancer', 'arch', 'config', 'state_dict', 'epoch', ...}` (optimizer,
+  scheduler and RNG state for resuming are optional);
+- the published release: `{'epoch', 'state_dict'}` with or without DataParallel's `module.`
+  prefix (a bare state_dict works too).
+Weights may be stored in half precision; they are cast to the model's dtype on load.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.enhancer import ARCH_PRESETS, EMNetEnhancer, EnhancerConfig, make_config
+from utils.errors import UserError
+
+ENHANCER_FORMAT = "emnet-enhancer"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+
+    A process killed at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """torch.load on the CPU with `weights_only=True`; a missing or corrupt file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; pass the path of a .pth checkpoint "
+                        "(see pre_trained_logs/README.md)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise UserError(f"cannot load checkpoint {path} ({type(err).__name__}); the file is corrupt "
+                        "or not a PyTorch checkpoint: download or train it again") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights")
+    return ckpt
+
+
+def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DataParallel/DDP's `module.` prefix from every key that has it."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def enhancer_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The enhancer weights of a checkpoint in any supported format, without `module.`."""
+    sd = ckpt.get("state_dict", ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError("checkpoint holds no enhancer state_dict (expected a 'state_dict' of tensors)")
+    return strip_module_prefix(sd)
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], stage: str) -> int:
+    pattern = re.compile(rf"^{stage}\.(\d+)\.")
+    return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> EnhancerConfig | None:
+    """The enhancer config that a state_dict was made with, read off its names and shapes."""
+    w = state_dict.get("patch_embed.proj.weight")
+    if w is None or w.dim() != 4:
+        return None
+    dim = int(w.shape[0])
+    stages = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+    blocks = tuple(_count_blocks(state_dict, s) for s in stages)
+    heads = tuple(int(state_dict[f"{s}.0.attn.temperature"].shape[0])
+                  if f"{s}.0.attn.temperature" in state_dict else 1 for s in stages)
+    ffn = state_dict.get("encoder_level1.0.ffn.project_in.weight")
+    expansion = ARCH_PRESETS["emnet_enhancer"].ffn_expansion_factor
+    if ffn is not None and int(ffn.shape[0]) // 2 != int(dim * expansion):
+        expansion = int(ffn.shape[0]) // 2 / dim
+    return EnhancerConfig(embed_dim=dim, num_blocks=blocks, heads=heads,
+                          num_refinement_blocks=_count_blocks(state_dict, "refinement"),
+                          num_latent_decoder_blocks=_count_blocks(state_dict, "decoder_latent"),
+                          ffn_expansion_factor=expansion)
+
+
+def describe_config(config: EnhancerConfig) -> str:
+    """`--arch NAME --embed_dim D` when a preset matches, else the config spelled out."""
+    for name, preset in ARCH_PRESETS.items():
+        if make_config(name, config.embed_dim) == config:
+            return f"--arch {name} --embed_dim {config.embed_dim}"
+    return f"a custom config {config.to_dict()}"
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise one UserError line when `state_dict` does not fit `model` exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        inferred = infer_config(state_dict)
+        hint = describe_config(inferred) if inferred else "no enhancer architecture known here"
+        raise UserError(f"checkpoint {path} does not fit {describe_config(model.config)}: "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} "
+                        f"mis-shaped keys; it fits {hint}")
+
+
+def load_enhancer(path: str | Path, arch: str | None = None, embed_dim: int | None = None,
+                  ) -> tuple[EMNetEnhancer, dict[str, Any]]:
+    """Build the enhancer a checkpoint was trained as and load its weights (on the CPU).
+
+    Our checkpoints carry their config; `arch`/`embed_dim`, when given, must agree with it.
+    Published files carry none: `arch`/`embed_dim` (default: the published network) define it.
+    Returns the model in eval mode and the checkpoint dict (for epoch and other metadata).
+    """
+    path = Path(path)
+    ckpt = load_checkpoint_file(path)
+    state_dict = enhancer_state_dict(ckpt)
+    if "config" in ckpt:
+        config = EnhancerConfig.from_dict(ckpt["config"])
+        wanted = make_config(arch or ckpt.get("arch", "emnet_enhancer"), embed_dim or config.embed_dim)
+        if (arch or embed_dim) and wanted != config:
+            raise UserError(f"checkpoint {path} was trained as {describe_config(config)}, but "
+                            f"{describe_config(wanted)} was asked for; drop --arch/--embed_dim or fix them")
+    else:
+        config = make_config(arch or "emnet_enhancer", embed_dim or 32)
+    model = EMNetEnhancer(config)
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict)
+    return model.eval(), ckpt

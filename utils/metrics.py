@@ -1,0 +1,50 @@
+"""Image-quality metrics, one function per metric.
+
+Convention (EMNET.md, "Metric conventions"): both images are 8-bit RGB, obtained from [0, 1]
+floats by *rounding*; PSNR over all pixels and channels with peak 255; SSIM is scikit-image's
+`structural_similarity` with its defaults (7x7 uniform window, data_range 255) over the colour
+channels (`channel_axis=2`), averaged. No border crop, no Y channel.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from utils.image_io import to_uint8
+
+METRIC_CONVENTION = ("PSNR/SSIM on rounded 8-bit RGB; SSIM = skimage structural_similarity defaults "
+                     "(7x7 uniform window, data_range=255, channel_axis=2); no border crop; "
+                     "GT-mean PSNR rescales the output to the ground truth's mean first")
+
+
+def _check_pair(pred: np.ndarray, gt: np.ndarray) -> None:
+    if pred.shape != gt.shape:
+        raise ValueError(f"image shapes differ: prediction {pred.shape} vs ground truth {gt.shape}")
+    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise ValueError(f"metrics take uint8 images, got {pred.dtype} and {gt.dtype}; use to_uint8")
+
+
+def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
+    """PSNR in dB between two uint8 RGB images (peak 255); inf when they are identical."""
+    _check_pair(pred, gt)
+    mse = np.mean((pred.astype(np.float64) - gt.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
+    """SSIM between two uint8 RGB images, scikit-image defaults over the colour channels."""
+    _check_pair(pred, gt)
+    return float(structural_similarity(pred, gt, channel_axis=2, data_range=255))
+
+
+def gt_mean_psnr(pred: np.ndarray, gt: np.ndarray) -> float:
+    """PSNR after scaling the prediction so its mean equals the ground truth's ("GT-mean").
+
+    This uses information from the ground truth; report it only in its own column.
+    """
+    _check_pair(pred, gt)
+    p = pred.astype(np.float64) / 255.0
+    scale = (gt.astype(np.float64).mean() / 255.0) / max(p.mean(), 1e-8)
+    return psnr(to_uint8(np.clip(p * scale, 0.0, 1.0)), gt)

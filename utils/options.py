@@ -1,0 +1,58 @@
+"""Command-line flags shared by the entry scripts, so one flag means one thing everywhere."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from models.enhancer import ARCH_PRESETS
+from utils.errors import UserError
+
+DEFAULT_VAL_PERCENT = 10.0
+
+
+def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
+    """--arch and --embed_dim. With `defaults_from_checkpoint` both default to None: the value
+    stored in our checkpoints (or the published network for published files) is used."""
+    p.add_argument("--arch", choices=sorted(ARCH_PRESETS),
+                   default=None if defaults_from_checkpoint else "emnet_enhancer",
+                   help="enhancer architecture; emnet_enhancer is the published one, emnet_small "
+                        "and emnet_tiny are CPU presets" +
+                        (" (default: from the checkpoint)" if defaults_from_checkpoint else ""))
+    p.add_argument("--embed_dim", type=int, default=None if defaults_from_checkpoint else 32,
+                   help="embedding width C; 32 is the published network" +
+                        (" (default: from the checkpoint)" if defaults_from_checkpoint else ""))
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where to run: auto takes CUDA, then Apple MPS, then the CPU")
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The external memory's flags, with the original release's names and published defaults."""
+    p.add_argument("--arch_memory", default="external_memory", help="memory module name")
+    p.add_argument("--mem_weights", default=None, help="external memory checkpoint (.pth)")
+    p.add_argument("--mem_size", type=int, default=9000, help="number of memory slots")
+    p.add_argument("--K_feat_dim", type=int, default=512, help="key (query) dimension")
+    p.add_argument("--V_feat_dim", type=int, default=3, help="value dimension (3 * p * p)")
+    p.add_argument("--pooling_size", type=int, default=1, help="p: values are p x p colour means")
+    p.add_argument("--testing_top_k", type=int, default=1, help="slots read per query at test time")
+
+
+def add_split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val_percent", type=float, default=DEFAULT_VAL_PERCENT,
+                   help="share of training pairs held out for validation when --val_dir is not "
+                        "given (a fixed rule on file names: see dataset/pairing.py)")
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
+    return path
