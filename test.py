@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from dataset.paired_folder import read_pair
 from dataset.pairing import find_pairs
-from models.inference import enhance
 from utils.checkpoint import describe_config, load_enhancer
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
-from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image
+from utils.evaluate import evaluate_pairs
 from utils.options import add_device_arg, add_enhancer_args, add_memory_args, writable_dir
-from utils.report import METRICS, format_table, score, write_report
+from utils.report import METRICS, format_table, write_report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,18 +47,8 @@ def main(args: argparse.Namespace) -> None:
 
     has_gt = pairs[0].high is not None
     columns = [f"ori_{m}" for m in METRICS] if has_gt else []
-    rows = []
     start = time.perf_counter()
-    for pair in tqdm(pairs, desc="enhance", unit="img"):
-        low, high = read_pair(pair)
-        out = tensor_to_image(enhance(model, image_to_tensor(low).to(device)))
-        out8 = to_uint8(out)
-        if ori_dir is not None:
-            write_image(ori_dir / f"{pair.name}.png", out8)
-        row: dict = {"name": pair.name}
-        if high is not None:
-            row.update({f"ori_{k}": v for k, v in score(out8, to_uint8(high)).items()})
-        rows.append(row)
+    rows = evaluate_pairs(model, pairs, device, out_dir=ori_dir)
     seconds = time.perf_counter() - start
 
     meta = {"weights": str(args.weights), "model": describe_config(model.config),

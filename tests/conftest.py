@@ -1,0 +1,120 @@
+"""Shared fixtures: the repo on sys.path, the LOL-v1 location, synthetic image pairs and tiny
+random-weight checkpoints in our format and in the published one."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
+from utils.checkpoint import ENHANCER_FORMAT, save_checkpoint  # noqa: E402
+
+# Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def lol_candidates() -> list[Path]:
+    """Where LOL-v1 is looked for, in order."""
+    found = []
+    if os.environ.get("EMNET_LOL_ROOT"):
+        found.append(Path(os.environ["EMNET_LOL_ROOT"]))
+    found += [REPO.parent / "shared" / "data" / "LOL-v1", REPO / "datasets" / "LOL-v1"]
+    return found
+
+
+@pytest.fixture(scope="session")
+def lol_root() -> Path:
+    """The LOL-v1 root (holding eval15/ and our485/); skips the test when it is not there."""
+    for cand in lol_candidates():
+        if (cand / "eval15" / "low").is_dir():
+            return cand
+    pytest.skip("LOL-v1 not found: set EMNET_LOL_ROOT=/path/to/LOL-v1 (the folder holding eval15/ "
+                f"and our485/); looked in {', '.join(map(str, lol_candidates()))}")
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    """Write an RGB (H, W, 3) or grayscale uint8/uint16 array with cv2 (which expects BGR)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = img[:, :, ::-1] if img.ndim == 3 and img.shape[2] == 3 else img
+    assert cv2.imwrite(str(path), np.ascontiguousarray(arr)), path
+    return path
+
+
+@pytest.fixture
+def make_pairs(tmp_path):
+    """Factory: write random uint8 low/high image pairs into a fresh folder and return its root.
+
+    make_pairs(names=("1", "2"), size=(16, 24), low_dir="low", high_dir="high", ext=".png",
+               high_ext=None, high_fn=None, seed=0)
+    `high_dir=None` writes no ground truth; `high_fn(low) -> high` derives the ground truth from
+    the low image (default: independent random pixels); `size` is (H, W).
+    """
+    counter = [0]
+
+    def make(names=("1", "2"), size=(16, 24), low_dir="low", high_dir="high", ext=".png",
+             high_ext=None, high_fn=None, seed=0, high_names=None) -> Path:
+        counter[0] += 1
+        root = tmp_path / f"pairs{counter[0]}"
+        rng = np.random.default_rng(seed)
+        high_names = names if high_names is None else high_names
+        for name, hname in zip(names, high_names):
+            low = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            high = high_fn(low) if high_fn else rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            write_png(root / low_dir / f"{name}{ext}", low)
+            if high_dir is not None:
+                write_png(root / high_dir / f"{hname}{high_ext or ext}", high)
+        return root
+
+    return make
+
+
+def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0) -> EMNetEnhancer:
+    """An enhancer whose every tensor is random and seed-determined (no parameter keeps its
+    default value, so a load that skipped a tensor is visible)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = EMNetEnhancer(make_config(arch, embed_dim))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """Factory: write a random-weight enhancer checkpoint and return (path, model).
+
+    fmt="ours": utils.checkpoint.save_checkpoint with our dict format.
+    fmt="published": {'epoch', 'state_dict'} with the `module.` prefix (module_prefix=False
+    drops it); fmt="bare": the state_dict alone. half=True stores the weights as float16.
+    """
+
+    def make(name="ckpt.pth", arch="emnet_tiny", embed_dim=8, fmt="ours", module_prefix=True,
+             half=False, seed=0, epoch=0, folder=None):
+        model = random_enhancer(arch, embed_dim, seed)
+        sd = {k: (v.half() if half else v.clone()) for k, v in model.state_dict().items()}
+        path = Path(folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "ours":
+            save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch,
+                                   "config": model.config.to_dict(), "state_dict": sd, "epoch": epoch})
+        elif fmt == "published":
+            if module_prefix:
+                sd = {f"module.{k}": v for k, v in sd.items()}
+            torch.save({"epoch": epoch, "state_dict": sd}, path)
+        elif fmt == "bare":
+            torch.save(sd, path)
+        else:
+            raise ValueError(fmt)
+        return path, model
+
+    return make

@@ -1,0 +1,332 @@
+"""Train the EMNet enhancer (stage 1 of EMNet).
+
+Outputs under SAVE_DIR/ENV/: models/{model_latest,model_best,model_epoch_N}.pth, options.yml,
+train.log, tensorboard/ and (with --img_vision) results/. Defaults are the published recipe
+(EMNET.md, "Training as published"). `model_best.pth` is chosen on a validation split held out of
+the training pairs (or --val_dir), never on the test set. Resume with --resume.
+
+Several GPUs: torchrun --nproc_per_node N train_enhancer.py ... (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from dataset.paired_folder import PairedCrops
+from dataset.pairing import find_pairs, split_pairs
+from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
+from utils.checkpoint import (ENHANCER_FORMAT, check_state_dict, describe_config, load_checkpoint_file,
+                              load_enhancer, save_checkpoint)
+from utils.device import resolve_device
+from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
+from utils.errors import UserError, run_cli
+from utils.evaluate import evaluate_pairs
+from utils.losses import EnhancementLoss
+from utils.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
+from utils.report import mean_scores
+from utils.schedule import warmup_cosine
+from utils.seed import capture_rng_state, restore_rng_state, seed_everything
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the EMNet enhancer (defaults: published recipe)")
+    g = p.add_argument_group("experiment")
+    g.add_argument("--env", default="enhancer_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
+    g.add_argument("--save_dir", default="./log", help="root folder of all runs")
+    add_enhancer_args(g)
+    g = p.add_argument_group("data")
+    g.add_argument("--train_dir", default="./datasets/LOL-v1/our485", help="training pairs (low/, high/)")
+    g.add_argument("--val_dir", default=None,
+                   help="validation pairs; default: a split held out of --train_dir (--val_percent)")
+    add_split_arg(g)
+    g.add_argument("--train_ps", type=int, default=128, help="training crop size")
+    g.add_argument("--batch_size", type=int, default=4, help="global batch size (all processes)")
+    g.add_argument("--train_workers", type=int, default=2, help="DataLoader worker processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--nepoch", type=int, default=800, help="epochs (one random crop per pair each)")
+    g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    g.add_argument("--lr_initial", type=float, default=2e-4, help="peak learning rate")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="linear warm-up before the cosine decay")
+    g.add_argument("--warmup_epochs", type=int, default=3)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    g.add_argument("--max_iters", type=int, default=0,
+                   help="stop after this many iterations in total (smoke runs, budgets); 0 = no limit")
+    g = p.add_argument_group("loss")
+    g.add_argument("--l1_lambda", type=float, default=0.0)
+    g.add_argument("--l2_lambda", type=float, default=0.0)
+    g.add_argument("--ssim_lambda", type=float, default=1.0, help="weight of 1 - SSIM")
+    g.add_argument("--lpips_lambda", type=float, default=1.0,
+                   help="weight of LPIPS(AlexNet); needs local AlexNet weights (see README)")
+    g.add_argument("--lpips_alexnet", default=None,
+                   help="torchvision alexnet-owt-7be5be79.pth; default: the torch hub cache")
+    g.add_argument("--datarange", type=float, default=1.0, help="pixel range of the images (SSIM)")
+    g = p.add_argument_group("validation and checkpoints")
+    g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--checkpoint", type=int, default=50, help="keep model_epoch_N.pth every N epochs")
+    g.add_argument("--img_vision", action="store_true", help="save validation outputs in results/")
+    g.add_argument("--torch_vision", action="store_true", help="validation images in tensorboard")
+    g.add_argument("--log_every", type=int, default=20, help="iterations between loss log lines")
+    g.add_argument("--resume", action="store_true", help="continue from models/model_latest.pth")
+    g.add_argument("--pretrain_weights", default=None, help="initial weights (fine-tuning)")
+    g = p.add_argument_group("runtime")
+    add_device_arg(g)
+    g.add_argument("--gpu", default=None, help="CUDA devices to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="mixed precision for the forward pass (fp16: CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    return p
+
+
+class RunLog:
+    """Lines to stdout (tqdm-safe) and to ENV/train.log; tensorboard scalars on the main process."""
+
+    def __init__(self, env_dir: Path, main_process: bool):
+        self.main = main_process
+        self.file = open(env_dir / "train.log", "a") if main_process else None
+        self.tb = None
+        if main_process:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(env_dir / "tensorboard"))
+
+    def line(self, msg: str) -> None:
+        if self.main:
+            stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+            tqdm.write(stamped)
+            self.file.write(stamped + "\n")
+            self.file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.main:
+            self.tb.close()
+            self.file.close()
+
+
+def check_args(args: argparse.Namespace, info: DistInfo) -> None:
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch_size {args.batch_size} does not split over {info.world_size} "
+                        "processes; use a multiple of the process count")
+    for flag in ("nepoch", "batch_size", "train_ps", "val_time", "checkpoint"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def load_pairs(args: argparse.Namespace):
+    pairs = find_pairs(args.train_dir)
+    if args.val_dir:
+        return pairs, find_pairs(args.val_dir)
+    train, val = split_pairs(pairs, args.val_percent)
+    if not train:
+        raise UserError(f"all {len(pairs)} pairs of {args.train_dir} fell into the validation split; "
+                        "lower --val_percent or pass --val_dir")
+    return train, val
+
+
+def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    if args.amp == "none":
+        return None
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp none")
+    return torch.bfloat16 if args.amp == "bf16" else torch.float16
+
+
+def payload(model: EMNetEnhancer, args: argparse.Namespace, epoch: int, iteration: int,
+            best: dict[str, Any], training_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our checkpoint format; `training_state` (optimizer, scheduler, RNG) only in model_latest."""
+    out = {"format": ENHANCER_FORMAT, "arch": args.arch, "config": model.config.to_dict(),
+           "state_dict": model.state_dict(), "epoch": epoch, "iteration": iteration,
+           "best_psnr": best["psnr"], "best_epoch": best["epoch"], "options": vars(args)}
+    if training_state:
+        out.update(training_state)
+    return out
+
+
+def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch: int,
+             log: RunLog, iteration: int) -> dict[str, float]:
+    out_dir = None
+    if args.img_vision:
+        out_dir = writable_dir(env_dir / "results" / f"epoch_{epoch:04d}", "--save_dir")
+    start = time.perf_counter()
+    rows = evaluate_pairs(model, val_pairs, device, out_dir=out_dir, prefix="", progress=False)
+    means = mean_scores(rows, ["psnr", "ssim"])
+    log.line(f"epoch {epoch} iter {iteration}: val PSNR {means['psnr']:.3f} SSIM {means['ssim']:.4f} "
+             f"on {len(rows)} pairs ({time.perf_counter() - start:.1f} s)")
+    log.scalars(iteration, {"val/psnr": means["psnr"], "val/ssim": means["ssim"]})
+    if args.torch_vision and log.tb is not None:
+        from dataset.paired_folder import read_pair
+        from models.inference import enhance
+        from utils.image_io import image_to_tensor
+        low, high = read_pair(val_pairs[0])
+        x = image_to_tensor(low).to(device)
+        strip = torch.cat([x, enhance(model, x), image_to_tensor(high).to(device)], dim=3)
+        log.tb.add_image("val/low_out_gt", strip[0].cpu(), iteration)
+    return means
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    device = resolve_device(args.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    check_args(args, info)
+    amp_dtype = autocast_dtype(args, device)
+    env_dir = Path(args.save_dir) / args.env
+    models_dir = writable_dir(env_dir / "models", "--save_dir")
+    latest_path = models_dir / "model_latest.pth"
+    if args.resume and not latest_path.is_file():
+        raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
+                        "drop --resume or check --save_dir/--env")
+    loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
+                              args.datarange, args.lpips_alexnet).to(device)
+
+    train_pairs, val_pairs = load_pairs(args)
+    dataset = PairedCrops(train_pairs, args.train_ps)
+    if len(dataset) < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} training "
+                        f"pairs of {args.train_dir}; lower it or add pairs")
+    generator = torch.Generator()
+    sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+               if info.enabled else RandomSampler(dataset, generator=generator))
+    loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
+                        num_workers=args.train_workers, drop_last=True,
+                        pin_memory=device.type == "cuda")
+    iters_per_epoch = len(loader)
+    total_iters = args.nepoch * iters_per_epoch
+
+    seed_everything(args.seed + info.rank)
+    model = EMNetEnhancer(make_config(args.arch, args.embed_dim))
+    if args.pretrain_weights and not args.resume:
+        init, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)
+        model.load_state_dict(init.state_dict())
+    model.to(device)
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=args.lr_initial, betas=(0.9, 0.999),
+                        weight_decay=args.weight_decay)
+    scheduler = warmup_cosine(optimizer, args.warmup_epochs * iters_per_epoch if args.warmup else 0,
+                              total_iters, args.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    epoch, iteration, best = 0, 0, {"psnr": -math.inf, "epoch": -1}
+    if args.resume:
+        ckpt = load_checkpoint_file(latest_path)
+        if ckpt.get("config") != model.config.to_dict():
+            raise UserError(f"--resume: {latest_path} was trained as "
+                            f"{describe_config(EnhancerConfig.from_dict(ckpt['config']))}; "
+                            "resume with the same --arch/--embed_dim")
+        check_state_dict(model, ckpt["state_dict"], latest_path)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
+        best = {"psnr": ckpt["best_psnr"], "epoch": ckpt["best_epoch"]}
+        restore_rng_state(ckpt["rng"])  # rank 0's state; other ranks differ by their seed only
+
+    log = RunLog(env_dir, info.is_main)
+    if info.is_main:
+        options = {**vars(args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
+                   "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": iters_per_epoch,
+                   "world_size": info.world_size, "device": str(device), "torch": str(torch.__version__)}
+        (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch} iteration {iteration}: "
+             f"{describe_config(model.config)}, {sum(p.numel() for p in model.parameters()):,} params, "
+             f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {iters_per_epoch} it/epoch, "
+             f"{info.world_size} process(es) on {device}")
+    if not val_pairs:
+        log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
+
+    ddp = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+           if info.enabled else model)
+    forward = torch.compile(ddp) if args.compile else ddp
+
+    bad_steps, stop = 0, False
+    while epoch < args.nepoch and not stop:
+        if info.enabled:
+            sampler.set_epoch(epoch)
+        else:
+            generator.manual_seed(args.seed + epoch)
+        skip = iteration - epoch * iters_per_epoch  # >0 only when resuming mid-epoch
+        model.train()
+        tic, done_here = time.perf_counter(), 0
+        for step, (low, high) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                disable=not info.is_main)):
+            if step < skip:
+                continue
+            low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = forward(low)
+            loss, terms = loss_fn(out.float().clamp(0, 1), high)
+            loss_value = loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            if not all_ranks_true(info, math.isfinite(loss_value), device):
+                bad_steps += 1
+                log.line(f"iteration {iteration}: non-finite loss, step skipped ({bad_steps} in a row)")
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise UserError(f"loss was NaN/inf for {bad_steps} iterations in a row at iteration "
+                                    f"{iteration}; lower --lr_initial, use --amp bf16/none, or check the data")
+            else:
+                bad_steps = 0
+                scaler.scale(loss).backward()
+                if args.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            scheduler.step()
+            iteration += 1
+            done_here += 1
+            if iteration % args.log_every == 0:
+                lr = optimizer.param_groups[0]["lr"]
+                log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
+                                        **{f"train/{k}": v for k, v in terms.items()}})
+                rate = done_here / (time.perf_counter() - tic)
+                log.line(f"epoch {epoch} iter {iteration}/{total_iters} loss {loss_value:.4f} "
+                         + " ".join(f"{k} {v:.4f}" for k, v in terms.items()) + f" lr {lr:.2e} {rate:.2f} it/s")
+            if args.max_iters and iteration >= args.max_iters:
+                stop = True
+                break
+        epoch_complete = iteration == (epoch + 1) * iters_per_epoch
+        if epoch_complete:
+            epoch += 1
+        if info.is_main:
+            if val_pairs and (epoch % args.val_time == 0 or epoch == args.nepoch or stop):
+                means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
+                if means["psnr"] > best["psnr"]:
+                    best = {"psnr": means["psnr"], "epoch": epoch}
+                    save_checkpoint(models_dir / "model_best.pth", payload(model, args, epoch, iteration, best))
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": capture_rng_state()}
+            save_checkpoint(latest_path, payload(model, args, epoch, iteration, best, state))
+            if epoch_complete and epoch % args.checkpoint == 0:
+                save_checkpoint(models_dir / f"model_epoch_{epoch}.pth", payload(model, args, epoch, iteration, best))
+        barrier(info)
+    best_text = f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs else "no validation"
+    log.line(f"finished at epoch {epoch} iteration {iteration}; {best_text}; checkpoints in {models_dir}")
+    log.close()
+    cleanup(info)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
