@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_split_arg(g)
     g.add_argument("--train_ps", type=int, default=128, help="training crop size")
     g.add_argument("--batch_size", type=int, default=4, help="global batch size (all processes)")
-    g.add_argument("--train_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--train_workers", type=int, default=2,
+                   help="DataLoader worker processes; 0 makes --resume bit-exact on the CPU")
     g = p.add_argument_group("optimisation")
     g.add_argument("--nepoch", type=int, default=800, help="epochs (one random crop per pair each)")
     g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
@@ -211,7 +212,7 @@ def main(args: argparse.Namespace) -> None:
                if info.enabled else RandomSampler(dataset, generator=generator))
     loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
                         num_workers=args.train_workers, drop_last=True,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0)
     iters_per_epoch = len(loader)
     total_iters = args.nepoch * iters_per_epoch
 

@@ -37,7 +37,12 @@ def _subfolder(root: Path, names: tuple[str, ...]) -> Path | None:
 
 def pair_key(path: Path) -> str:
     """The name two files of a pair share: the stem without LOL-v2's `low`/`normal` prefix."""
-    return _PREFIX.sub("", path.stem).lower()
+    return name_key(path.stem)
+
+
+def name_key(stem: str) -> str:
+    """A file stem without LOL-v2's `low`/`normal` prefix, lower-cased."""
+    return _PREFIX.sub("", stem).lower()
 
 
 def _images_by_key(folder: Path) -> dict[str, Path]:
@@ -82,12 +87,12 @@ def find_pairs(root: str | Path, require_high: bool = True) -> list[ImagePair]:
 
 def is_validation_pair(name: str, val_percent: float) -> bool:
     """Deterministic hold-out rule shared by both trainers: a pair is in the validation split
-    when the SHA-1 of its pair key, mod 10000, is below `val_percent * 100`.
+    when the SHA-1 of its pair name (`name_key`), mod 10000, is below `val_percent * 100`.
 
     It depends on the name alone, so the split is the same on every machine and a pair keeps its
     side when other pairs are added or missing.
     """
-    key = pair_key(Path(name)).encode()
+    key = name_key(name).encode()
     return int(hashlib.sha1(key).hexdigest(), 16) % 10000 < val_percent * 100
 
 

@@ -172,6 +172,26 @@ def test_dict_without_weights_is_user_error(tmp_path):
         load_enhancer(path, "emnet_tiny", 8)
 
 
+def test_dict_without_weights_names_the_file(tmp_path):
+    """The 'no state_dict' error names the file, like every other checkpoint error."""
+    path = tmp_path / "memory.pth"
+    torch.save({"epoch": 3, "mem_key": torch.zeros(2, 4)}, path)
+    with pytest.raises(UserError) as err:
+        load_enhancer(path, "emnet_tiny", 8)
+    assert str(path) in str(err.value)
+
+
+def test_our_format_with_unknown_arch_name_loads_from_config(tmp_path):
+    """Our checkpoints carry their full config: without flags the stored config is used as is."""
+    from conftest import random_enhancer
+    model = random_enhancer("emnet_tiny", 8)
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": "renamed_preset",
+                           "config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 0})
+    loaded, _ = load_enhancer(path)
+    assert_same_weights(loaded, model)
+
+
 def test_strip_module_prefix():
     """Only a leading `module.` is removed."""
     sd = {"module.a.weight": 1, "b.module.c": 2, "module.module.d": 3}

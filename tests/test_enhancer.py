@@ -15,7 +15,7 @@ from models.enhancer import (ARCH_PRESETS, MDTA, ChannelLayerNorm, EMNetEnhancer
 from models.inference import MULTIPLE, enhance, pad_to_multiple
 from utils.checkpoint import describe_config, infer_config
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "emnet_enhancer_state_dict_shapes.json"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "emnet_enhancer_state_dict_shapes.json"
 PUBLISHED_PARAMS = 12_544_484
 PUBLISHED_TENSORS = 505
 

@@ -35,6 +35,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,11 +64,12 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def enhancer_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+def enhancer_state_dict(ckpt: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
     """The enhancer weights of a checkpoint in any supported format, without `module.`."""
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError("checkpoint holds no enhancer state_dict (expected a 'state_dict' of tensors)")
+        raise UserError(f"checkpoint {path} holds no enhancer state_dict (expected a 'state_dict' "
+                        "of tensors); pass an enhancer checkpoint to --weights")
     return strip_module_prefix(sd)
 
 
@@ -128,11 +130,12 @@ def load_enhancer(path: str | Path, arch: str | None = None, embed_dim: int | No
     """
     path = Path(path)
     ckpt = load_checkpoint_file(path)
-    state_dict = enhancer_state_dict(ckpt)
+    state_dict = enhancer_state_dict(ckpt, path)
     if "config" in ckpt:
         config = EnhancerConfig.from_dict(ckpt["config"])
-        wanted = make_config(arch or ckpt.get("arch", "emnet_enhancer"), embed_dim or config.embed_dim)
-        if (arch or embed_dim) and wanted != config:
+        stored_arch = ckpt.get("arch") if ckpt.get("arch") in ARCH_PRESETS else "emnet_enhancer"
+        wanted = make_config(arch or stored_arch, embed_dim or config.embed_dim) if arch or embed_dim else config
+        if wanted != config:
             raise UserError(f"checkpoint {path} was trained as {describe_config(config)}, but "
                             f"{describe_config(wanted)} was asked for; drop --arch/--embed_dim or fix them")
     else:
@@ -141,3 +144,12 @@ def load_enhancer(path: str | Path, arch: str | None = None, embed_dim: int | No
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval(), ckpt
+
+
+def export_half(src: str | Path, dst: str | Path) -> None:
+    """Copy a checkpoint's weights, config and metadata (no optimizer or RNG state) with the
+    floating-point weights in float16: half the size, for bundling. `load_enhancer` casts back."""
+    ckpt = load_checkpoint_file(src)
+    keep = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
+    keep["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    save_checkpoint(dst, keep)

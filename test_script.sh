@@ -1,0 +1,21 @@
+#!/bin/sh
+# Evaluate EMNet on a LOL-style folder (low/ + high/): writes RESULT_DIR/ori and metrics.
+# Edit the variables below (or set them in the environment) and run: sh test_script.sh
+PYTHON=${PYTHON:-python}
+DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}          # where LOL-v1 lives (see README, "Data")
+INPUT_DIR=${INPUT_DIR:-$DATA_ROOT/eval15}
+WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/model_lolv1.pth}
+MEM_WEIGHTS=${MEM_WEIGHTS:-}                        # external memory: not in this version yet
+RESULT_DIR=${RESULT_DIR:-./log_eval/lolv1}
+ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
+EMBED_DIM=${EMBED_DIM:-}                            # (published files: emnet_enhancer / 32)
+DEVICE=${DEVICE:-auto}
+
+# glibc returns big tensors to the OS on every call, which makes PyTorch 2-3x slower on Linux CPUs.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
+
+set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --save_images
+[ -n "$ARCH" ] && set -- "$@" --arch "$ARCH"
+[ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
+[ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS"
+exec "$PYTHON" test.py "$@"

@@ -1,0 +1,458 @@
+"""Finding pairs, the validation split, the datasets and augmentations, and the image reader."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_png
+from dataset.augment import dihedral, random_crop, random_dihedral
+from dataset.paired_folder import PairedCrops, PairedImages, read_pair
+from dataset.pairing import ImagePair, find_pairs, is_validation_pair, pair_key, split_pairs
+from utils.errors import UserError
+from utils.image_io import read_image, to_uint8, write_image
+
+
+def _img(seed: int, size=(6, 5)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def _touch_images(folder: Path, names: list[str], size=(4, 4)) -> None:
+    for i, n in enumerate(names):
+        path = folder / n
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ok, buf = cv2.imencode(Path(n).suffix, _img(i, size))
+        assert ok
+        path.write_bytes(buf.tobytes())
+
+
+# ----------------------------------------------------------------------------- find_pairs
+
+def test_find_pairs_low_high(make_pairs):
+    """LOL-v1 layout: pairs sorted by name, the two files of a pair have the same name."""
+    root = make_pairs(names=("1", "2", "10"))
+    pairs = find_pairs(root)
+    assert [p.name for p in pairs] == ["1", "10", "2"]
+    for p in pairs:
+        assert p.low == root / "low" / f"{p.name}.png"
+        assert p.high == root / "high" / f"{p.name}.png"
+
+
+@pytest.mark.parametrize("low, high", [("Low", "Normal"), ("LOW", "HIGH"), ("low", "NORMAL"),
+                                       ("Low", "high")])
+def test_find_pairs_folder_names_any_case(make_pairs, low, high):
+    """LOL-v2's Low/Normal and any capitalisation of low/high are accepted."""
+    root = make_pairs(names=("3", "4"), low_dir=low, high_dir=high)
+    pairs = find_pairs(root)
+    assert [p.name for p in pairs] == ["3", "4"]
+    assert all(p.low.parent.name == low and p.high.parent.name == high for p in pairs)
+
+
+@pytest.mark.parametrize("high_names", [("normal00690", "normal00701"), ("00690", "00701")])
+def test_find_pairs_lolv2_prefixes(make_pairs, high_names):
+    """low00690.png pairs with normal00690.png and with 00690.png."""
+    root = make_pairs(names=("low00690", "low00701"), low_dir="Low", high_dir="Normal",
+                      high_names=high_names)
+    pairs = find_pairs(root)
+    assert [(p.name, p.high.stem) for p in pairs] == list(zip(("low00690", "low00701"), high_names))
+
+
+def test_pair_key():
+    """The shared key drops LOL-v2's prefixes (any case) but only in front of digits."""
+    assert pair_key(Path("low00690.png")) == "00690"
+    assert pair_key(Path("Normal00690.jpg")) == "00690"
+    assert pair_key(Path("00690.png")) == "00690"
+    assert pair_key(Path("lowlight.png")) == "lowlight"
+    assert pair_key(Path("high_12.png")) == "12"
+
+
+def test_find_pairs_by_name_not_sort_order(tmp_path):
+    """Pairs are matched by name, never by position: the two folders sort differently here
+    (['1', '2'] vs ['2', 'normal1']) and each pair's images still belong together."""
+    root = tmp_path / "d"
+    for i, (low_name, high_name) in enumerate([("1", "normal1"), ("2", "2"), ("10", "normal10")]):
+        low = _img(i)
+        write_png(root / "low" / f"{low_name}.png", low)
+        write_png(root / "high" / f"{high_name}.png", 255 - low)
+    pairs = find_pairs(root)
+    assert [p.name for p in pairs] == ["1", "10", "2"]
+    for p in pairs:
+        assert pair_key(p.low) == pair_key(p.high)
+        low, high = read_pair(p)
+        np.testing.assert_allclose(high, 1 - low, atol=1e-6)
+
+
+def test_find_pairs_by_name_with_numeric_names(tmp_path):
+    """low 2.png, 10.png / high 10.png, 2.png (created in the other order): same-name pairs."""
+    root = tmp_path / "d"
+    _touch_images(root / "low", ["2.png", "10.png"])
+    _touch_images(root / "high", ["10.png", "2.png"])
+    pairs = find_pairs(root)
+    assert len(pairs) == 2
+    assert all(p.low.name == p.high.name for p in pairs)
+
+
+def test_find_pairs_mixed_extensions(make_pairs):
+    """A png low image pairs with a jpg ground truth of the same name."""
+    root = make_pairs(names=("5", "6"), ext=".png", high_ext=".jpg")
+    pairs = find_pairs(root)
+    assert [(p.low.suffix, p.high.suffix) for p in pairs] == [(".png", ".jpg")] * 2
+
+
+def test_find_pairs_ignores_non_images(make_pairs):
+    """Files that are not images (notes, hidden files) are neither paired nor reported."""
+    root = make_pairs(names=("1",))
+    (root / "low" / "README.txt").write_text("x")
+    (root / "high" / "notes.md").write_text("x")
+    assert [p.name for p in find_pairs(root)] == ["1"]
+
+
+@pytest.mark.parametrize("side", ["low", "high"])
+def test_unpaired_file_is_user_error(make_pairs, side):
+    """An image without a partner is a UserError naming that file."""
+    root = make_pairs(names=("1", "2"))
+    extra = root / side / "7.png"
+    write_png(extra, _img(0))
+    with pytest.raises(UserError, match=re.escape(str(extra))):
+        find_pairs(root)
+
+
+def test_many_unpaired_are_counted(make_pairs):
+    """With many unpaired files, the message names some and counts the rest."""
+    root = make_pairs(names=("1",))
+    _touch_images(root / "low", [f"{i}.png" for i in range(2, 8)])
+    with pytest.raises(UserError, match="and 3 more"):
+        find_pairs(root)
+
+
+def test_duplicate_key_is_user_error(make_pairs):
+    """1.png and 1.jpg in one folder would pair ambiguously: a UserError naming both."""
+    root = make_pairs(names=("1",))
+    _touch_images(root / "low", ["1.jpg"])
+    with pytest.raises(UserError) as err:
+        find_pairs(root)
+    assert str(root / "low" / "1.png") in str(err.value) and str(root / "low" / "1.jpg") in str(err.value)
+
+
+def test_missing_input_dir_is_user_error(tmp_path):
+    """A folder that does not exist is a UserError naming it (with and without require_high)."""
+    for require_high in (True, False):
+        with pytest.raises(UserError, match=re.escape(str(tmp_path / "nope"))):
+            find_pairs(tmp_path / "nope", require_high=require_high)
+
+
+def test_empty_low_dir_is_user_error(tmp_path):
+    """low/ without images is a UserError naming low/."""
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    for require_high in (True, False):
+        with pytest.raises(UserError, match=re.escape(str(tmp_path / "low"))):
+            find_pairs(tmp_path, require_high=require_high)
+
+
+def test_missing_subfolders_are_user_errors(make_pairs, tmp_path):
+    """Training needs both folders: no low/ or no high/ is a UserError."""
+    root = make_pairs(names=("1",), high_dir=None)
+    with pytest.raises(UserError, match="high"):
+        find_pairs(root)
+    flat = tmp_path / "flat"
+    _touch_images(flat, ["1.png"])
+    with pytest.raises(UserError, match="low"):
+        find_pairs(flat)
+
+
+def test_no_high_folder_without_require_high(make_pairs):
+    """require_high=False: low/ alone gives pairs whose high is None."""
+    root = make_pairs(names=("1", "2"), high_dir=None)
+    pairs = find_pairs(root, require_high=False)
+    assert [(p.name, p.low, p.high) for p in pairs] == [
+        ("1", root / "low" / "1.png", None), ("2", root / "low" / "2.png", None)]
+
+
+def test_flat_folder_without_require_high(tmp_path):
+    """require_high=False: a flat folder of images is enhanced as is; other files are ignored."""
+    _touch_images(tmp_path, ["b.png", "a.jpg"])
+    (tmp_path / "notes.txt").write_text("x")
+    pairs = find_pairs(tmp_path, require_high=False)
+    assert [(p.name, p.low.name, p.high) for p in pairs] == [("a", "a.jpg", None), ("b", "b.png", None)]
+
+
+# ----------------------------------------------------------------------------- validation split
+
+SYNTHETIC_NAMES = [str(i) for i in range(1, 486)]
+
+
+def _pairs(names):
+    return [ImagePair(n, Path(f"low/{n}.png"), Path(f"high/{n}.png")) for n in names]
+
+
+@pytest.fixture(params=["synthetic", "lol"])
+def train_names(request):
+    if request.param == "synthetic":
+        return SYNTHETIC_NAMES
+    root = request.getfixturevalue("lol_root")
+    names = sorted(p.stem for p in (root / "our485" / "low").iterdir())
+    assert len(names) > 100
+    return names
+
+
+@pytest.mark.parametrize("percent", [10.0, 20.0])
+def test_split_share_disjoint_complete(train_names, percent):
+    """split_pairs is disjoint, covers every pair and holds out about the requested share."""
+    pairs = _pairs(train_names)
+    train, val = split_pairs(pairs, percent)
+    assert {p.name for p in train}.isdisjoint({p.name for p in val})
+    assert sorted(p.name for p in train + val) == sorted(train_names)
+    share = len(val) / len(pairs)
+    assert abs(share - percent / 100) < 0.05, share
+    assert train and val
+
+
+def test_split_is_deterministic(train_names):
+    """The same names always give the same split (no RNG, no hash seed)."""
+    a = split_pairs(_pairs(train_names), 10)
+    b = split_pairs(_pairs(list(reversed(train_names))), 10)
+    assert {p.name for p in a[1]} == {p.name for p in b[1]}
+    assert [p.name for p in a[1]] == [p.name for p in _pairs(train_names) if p in a[1]]  # order kept
+
+
+def test_split_membership_independent_of_other_names(train_names):
+    """A name stays on its side when other pairs are added or removed."""
+    full_val = {p.name for p in split_pairs(_pairs(train_names), 10)[1]}
+    subset = train_names[::3]
+    sub_val = {p.name for p in split_pairs(_pairs(subset), 10)[1]}
+    assert sub_val == full_val & set(subset)
+    for n in train_names[:50]:
+        assert (n in full_val) == is_validation_pair(n, 10)
+        assert split_pairs(_pairs([n]), 10)[1] == ([] if n not in full_val else _pairs([n]))
+
+
+def test_split_extremes_and_nesting():
+    """0% holds out nothing, 100% everything, and a larger share contains a smaller one."""
+    pairs = _pairs(SYNTHETIC_NAMES)
+    assert split_pairs(pairs, 0)[1] == []
+    assert split_pairs(pairs, 100)[0] == []
+    v10 = {p.name for p in split_pairs(pairs, 10)[1]}
+    v20 = {p.name for p in split_pairs(pairs, 20)[1]}
+    assert v10 < v20
+
+
+def test_split_lolv2_prefix_does_not_matter():
+    """low00690, normal00690 and 00690 are one pair, so they fall on the same side."""
+    for i in range(600, 700):
+        n = f"{i:05d}"
+        assert is_validation_pair(f"low{n}", 30) == is_validation_pair(n, 30) == is_validation_pair(f"normal{n}", 30)
+
+
+def test_split_known_values():
+    """The rule is SHA-1 of the key mod 10000 < percent * 100 (pinned so the split never drifts
+    between versions: a changed rule would silently move validation images into training)."""
+    import hashlib
+    for n in SYNTHETIC_NAMES:
+        expect = int(hashlib.sha1(n.encode()).hexdigest(), 16) % 10000 < 1000
+        assert is_validation_pair(n, 10) == expect
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def test_read_pair_size_mismatch_names_both_files(tmp_path):
+    """Low and high of different sizes: a UserError naming both files."""
+    low = write_png(tmp_path / "low" / "1.png", _img(0, (6, 5)))
+    high = write_png(tmp_path / "high" / "1.png", _img(1, (6, 7)))
+    with pytest.raises(UserError) as err:
+        read_pair(ImagePair("1", low, high))
+    assert str(low) in str(err.value) and str(high) in str(err.value)
+
+
+def test_paired_images(make_pairs):
+    """PairedImages yields (3, H, W) float tensors in [0, 1] equal to the files, and the name;
+    high is empty without ground truth."""
+    root = make_pairs(names=("1",), size=(5, 9))
+    low, high, name = PairedImages(find_pairs(root))[0]
+    assert name == "1" and low.shape == high.shape == (3, 5, 9) and low.dtype == torch.float32
+    np.testing.assert_allclose(low.permute(1, 2, 0).numpy(), read_image(root / "low" / "1.png"))
+    root2 = make_pairs(names=("1",), size=(5, 9), high_dir=None)
+    low, high, _ = PairedImages(find_pairs(root2, require_high=False))[0]
+    assert low.shape == (3, 5, 9) and high.numel() == 0
+
+
+def test_paired_crops_image_smaller_than_patch(make_pairs):
+    """An image smaller than --train_ps is a UserError naming it."""
+    root = make_pairs(names=("1",), size=(16, 7))
+    with pytest.raises(UserError, match=re.escape(str(root / "low" / "1.png"))):
+        PairedCrops(find_pairs(root), 8)
+
+
+def test_paired_crops_needs_pairs_and_ground_truth(make_pairs):
+    """No pairs, or pairs without ground truth, are UserErrors."""
+    with pytest.raises(UserError):
+        PairedCrops([], 8)
+    root = make_pairs(names=("1",), high_dir=None)
+    with pytest.raises(UserError, match=re.escape(str(root / "low" / "1.png"))):
+        PairedCrops(find_pairs(root, require_high=False), 8)
+
+
+def _all_dihedral_windows(img: torch.Tensor, size: int) -> list[torch.Tensor]:
+    h, w = img.shape[-2:]
+    return [dihedral(img[:, t:t + size, l:l + size], m)
+            for t in range(h - size + 1) for l in range(w - size + 1) for m in range(8)]
+
+
+def test_paired_crops_shape_and_alignment(make_pairs):
+    """Crops are (3, ps, ps), one flip/rotation of a window of the image, and the low and high
+    crops are the same window with the same transform (high = 1 - low holds on every crop)."""
+    root = make_pairs(names=("a", "b"), size=(11, 13), high_fn=lambda low: 255 - low)
+    ds = PairedCrops(find_pairs(root), 8)
+    assert len(ds) == 2
+    torch.manual_seed(0)
+    full_low = ds.images[0][0]
+    windows = _all_dihedral_windows(full_low, 8)
+    modes_seen = set()
+    for _ in range(40):
+        low, high = ds[0]
+        assert low.shape == high.shape == (3, 8, 8)
+        assert low.is_contiguous() and high.is_contiguous()
+        torch.testing.assert_close(high, 1 - low, atol=1e-6, rtol=0)
+        matches = [i for i, win in enumerate(windows) if torch.equal(win, low)]
+        assert matches, "the crop is not a flip/rotation of a window of the image"
+        modes_seen.add(matches[0] % 8)
+    assert len(modes_seen) >= 6  # the transforms really vary
+
+
+def test_random_crop_reaches_every_offset():
+    """Image 10 wide / 9 high, patch 8: offsets 0, 1, 2 (left) and 0, 1 (top), the last included,
+    all appear, and low/high get the same offset."""
+    h, w = 9, 10
+    low = torch.arange(h * w, dtype=torch.float32).reshape(1, h, w)
+    high = -low
+    torch.manual_seed(0)
+    tops, lefts = set(), set()
+    for _ in range(200):
+        a, b = random_crop(low, high, 8)
+        assert a.shape == (1, 8, 8)
+        assert torch.equal(b, -a)
+        v = int(a[0, 0, 0])
+        tops.add(v // w)
+        lefts.add(v % w)
+    assert tops == {0, 1}
+    assert lefts == {0, 1, 2}
+
+
+def test_random_crop_full_size():
+    """Patch == image size: the crop is the whole image."""
+    x = torch.rand(3, 8, 8)
+    a, b = random_crop(x, x + 1, 8)
+    assert torch.equal(a, x) and torch.equal(b, x + 1)
+
+
+def test_dihedral_gives_the_eight_transforms():
+    """Modes 0..7 are the 8 distinct flips/rotations; mode 0 is the identity."""
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    outs = [dihedral(x, m) for m in range(8)]
+    assert torch.equal(outs[0], x)
+    keys = {(tuple(o.shape), tuple(o.flatten().tolist())) for o in outs}
+    assert len(keys) == 8
+    expected = set()
+    for flip in (False, True):
+        y = x.flip(-1) if flip else x
+        for k in range(4):
+            r = torch.rot90(y, k, dims=(-2, -1))
+            expected.add((tuple(r.shape), tuple(r.flatten().tolist())))
+    assert keys == expected
+
+
+def test_random_dihedral_same_transform_for_both():
+    """random_dihedral applies one transform to both images."""
+    torch.manual_seed(1)
+    x = torch.rand(3, 5, 7)
+    for _ in range(20):
+        a, b = random_dihedral(x, 2 * x)
+        assert torch.equal(b, 2 * a)
+
+
+# ----------------------------------------------------------------------------- read_image
+
+def test_read_image_rgb_channel_order(tmp_path):
+    """A pure red image (written by cv2 in BGR order) reads as channel 0 = 1, others 0."""
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 2] = 255
+    path = tmp_path / "red.png"
+    cv2.imwrite(str(path), bgr)
+    img = read_image(path)
+    assert img.shape == (4, 5, 3) and img.dtype == np.float32
+    assert np.all(img[..., 0] == 1) and np.all(img[..., 1:] == 0)
+
+
+def test_read_image_grayscale(tmp_path):
+    """Grayscale becomes 3 identical channels."""
+    g = np.random.default_rng(0).integers(0, 256, (4, 6), dtype=np.uint8)
+    path = tmp_path / "g.png"
+    cv2.imwrite(str(path), g)
+    img = read_image(path)
+    assert img.shape == (4, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(img[..., c], g / np.float32(255))
+
+
+def test_read_image_rgba_drops_alpha(tmp_path):
+    """RGBA: alpha is dropped, colours stay in RGB order."""
+    bgra = np.zeros((3, 3, 4), np.uint8)
+    bgra[..., 0] = 255  # blue
+    bgra[..., 3] = 7  # alpha
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), bgra)
+    img = read_image(path)
+    assert img.shape == (3, 3, 3)
+    assert np.all(img[..., 2] == 1) and np.all(img[..., :2] == 0)
+
+
+def test_read_image_16_bit(tmp_path):
+    """16-bit PNGs are scaled by 65535: 65535 -> 1.0, 0 -> 0, 32768 -> ~0.5."""
+    arr = np.zeros((2, 3, 3), np.uint16)
+    arr[0] = 65535
+    arr[1] = 32768
+    path = tmp_path / "d.png"
+    cv2.imwrite(str(path), arr)
+    img = read_image(path)
+    assert img.dtype == np.float32
+    assert np.all(img[0] == 1.0)
+    np.testing.assert_allclose(img[1], 32768 / 65535, rtol=1e-6)
+
+
+def test_read_image_truncated_is_user_error(tmp_path):
+    """Half of a real PNG is a UserError naming the file."""
+    path = write_png(tmp_path / "t.png", _img(0, (64, 64)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        read_image(path)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not an image at all"])
+def test_read_image_missing_or_garbage_is_user_error(tmp_path, content):
+    """Missing, empty and non-image files are UserErrors naming the file."""
+    path = tmp_path / "x.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        read_image(path)
+
+
+def test_write_image_round_trip(tmp_path):
+    """write_image rounds floats to 8 bits, keeps RGB order, and leaves no temporary file."""
+    img = np.random.default_rng(0).random((5, 4, 3)).astype(np.float32)
+    path = tmp_path / "o.png"
+    write_image(path, img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+    np.testing.assert_array_equal(to_uint8(read_image(path)), to_uint8(img))
+
+
+def test_split_names_with_dots():
+    """Names containing dots are split like any other name (the key is the whole name)."""
+    names = [f"scene.{i:03d}" for i in range(200)]
+    val = [n for n in names if is_validation_pair(n, 10)]
+    assert 0 < len(val) < len(names)

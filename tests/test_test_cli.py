@@ -1,0 +1,305 @@
+"""End-to-end `test.py`, run as users run it (a subprocess in the repo root), with tiny
+random-weight checkpoints (emnet_tiny, embed_dim 8: about 1 s per 600x400 image on a CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import GLIBC_TUNABLES, REPO, write_png
+from utils.checkpoint import load_enhancer
+from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
+from utils.metrics import METRIC_CONVENTION, psnr, ssim
+from models.inference import enhance
+
+EVAL_NAMES = ("1", "111")
+METRIC_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr"]
+
+
+def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return subprocess.run([sys.executable, "test.py", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]+", proc.stderr) if line.strip()]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, must_contain: str | Path,
+                      allow_noise: tuple[str, ...] = ()) -> str:
+    """Exit status 2, no traceback, and one `error: ...` line naming `must_contain` as the whole
+    of stderr. `allow_noise` lists prefixes of third-party lines tolerated before it."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = stderr_lines(proc)
+    assert lines, "nothing on stderr"
+    error = lines[-1]
+    assert error.startswith("error: "), proc.stderr
+    assert str(must_contain) in error, (str(must_contain), error)
+    others = lines[:-1]
+    assert all(any(line.startswith(p) for p in allow_noise) for line in others), proc.stderr
+    if not allow_noise:
+        assert proc.stderr.strip() == error and proc.stderr.count("\n") == 1, repr(proc.stderr)
+    return error
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def copy_eval_pairs(lol_root: Path, dest: Path, names=EVAL_NAMES) -> Path:
+    for side in ("low", "high"):
+        (dest / side).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            shutil.copy(lol_root / "eval15" / side / f"{n}.png", dest / side / f"{n}.png")
+    return dest
+
+
+@pytest.fixture
+def small_input(make_pairs) -> Path:
+    """Two synthetic 24x40 pairs: valid input for the cases that fail on weights or flags."""
+    return make_pairs(names=("1", "2"), size=(24, 40))
+
+
+# ----------------------------------------------------------------------------- the main run
+
+@pytest.fixture(scope="module")
+def main_run(lol_root, tmp_path_factory):
+    """test.py --save_images on 2 real eval15 pairs with our-format emnet_tiny/8 weights, into a
+    result folder that already holds a user's files."""
+    from conftest import random_enhancer
+    from utils.checkpoint import ENHANCER_FORMAT, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("main_run")
+    data = copy_eval_pairs(lol_root, tmp / "eval")
+    model = random_enhancer("emnet_tiny", 8, seed=0)
+    weights = tmp / "tiny.pth"
+    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
+                              "config": model.config.to_dict(), "state_dict": model.state_dict(),
+                              "epoch": 5})
+    result = tmp / "results"
+    (result / "ori").mkdir(parents=True)
+    (result / "notes.txt").write_text("keep me")
+    (result / "ori" / "old.png").write_bytes(b"an earlier result")
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", result, "--save_images")
+    return {"proc": proc, "data": data, "result": result, "weights": weights, "tmp": tmp}
+
+
+def test_main_run_succeeds(main_run):
+    """Exit status 0, no traceback, a mean row printed."""
+    proc = main_run["proc"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "mean" in proc.stdout
+
+
+def test_main_run_images(main_run):
+    """ori/<name>.png exists for every input, with the input's size (600x400, no padding left)."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    for n in EVAL_NAMES:
+        out = cv2.imread(str(main_run["result"] / "ori" / f"{n}.png"), cv2.IMREAD_UNCHANGED)
+        inp = cv2.imread(str(main_run["data"] / "low" / f"{n}.png"), cv2.IMREAD_UNCHANGED)
+        assert out is not None and out.dtype == np.uint8
+        assert out.shape == inp.shape == (400, 600, 3)
+
+
+def test_main_run_metrics_csv(main_run):
+    """metrics.csv: one row per image, the name and the three ori_* columns, finite numbers that
+    are the metrics of the saved image against the ground truth."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    fields, rows = read_csv(main_run["result"] / "metrics.csv")
+    assert fields == ["name", *METRIC_COLUMNS]
+    assert sorted(r["name"] for r in rows) == sorted(EVAL_NAMES)
+    for r in rows:
+        assert all(math.isfinite(float(r[c])) for c in METRIC_COLUMNS)
+    # The scores belong to the written image (rounded 8-bit RGB) and its ground truth.
+    r = rows[0]
+    out = to_uint8(read_image(main_run["result"] / "ori" / f"{r['name']}.png"))
+    gt = to_uint8(read_image(main_run["data"] / "high" / f"{r['name']}.png"))
+    assert float(r["ori_psnr"]) == pytest.approx(psnr(out, gt), rel=1e-9)
+    assert float(r["ori_ssim"]) == pytest.approx(ssim(out, gt), rel=1e-9)
+
+
+def test_main_run_summary(main_run):
+    """summary.json: num_images 2, the metric convention, the model, and means equal to the CSV's."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    summary = json.loads((main_run["result"] / "summary.json").read_text())
+    _, rows = read_csv(main_run["result"] / "metrics.csv")
+    assert summary["num_images"] == 2
+    assert summary["convention"] == METRIC_CONVENTION
+    assert summary["model"] == "--arch emnet_tiny --embed_dim 8"
+    assert summary["checkpoint_epoch"] == 5
+    assert set(summary["mean"]) == set(METRIC_COLUMNS)
+    for c in METRIC_COLUMNS:
+        assert summary["mean"][c] == pytest.approx(np.mean([float(r[c]) for r in rows]), rel=1e-9)
+    text = (main_run["result"] / "result.txt").read_text()
+    assert "ori_psnr" in text and METRIC_CONVENTION in text
+
+
+def test_main_run_output_is_the_enhancer_output(main_run):
+    """The saved image is the loaded network's output on the low image, rounded to 8 bits."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    model, _ = load_enhancer(main_run["weights"])
+    low = read_image(main_run["data"] / "low" / "1.png")
+    expect = to_uint8(tensor_to_image(enhance(model, image_to_tensor(low))))
+    got = to_uint8(read_image(main_run["result"] / "ori" / "1.png"))
+    diff = np.abs(expect.astype(int) - got.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_existing_results_are_never_deleted(main_run):
+    """Files the user already had in --result_dir (and in ori/) are still there afterwards, and
+    no temporary files are left behind."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    result = main_run["result"]
+    assert (result / "notes.txt").read_text() == "keep me"
+    assert (result / "ori" / "old.png").read_bytes() == b"an earlier result"
+    leftovers = [p for p in result.rglob("*") if p.name.endswith(".tmp") or p.name == ".write_test"]
+    assert leftovers == []
+
+
+def test_published_format_with_flags(main_run, make_checkpoint):
+    """The same weights as {'epoch','state_dict'} with `module.` keys, run with --arch emnet_tiny
+    --embed_dim 8, give the same scores as our format."""
+    assert main_run["proc"].returncode == 0, main_run["proc"].stderr
+    weights, _ = make_checkpoint(name="model_lolv1.pth", fmt="published", module_prefix=True, seed=0)
+    result = main_run["tmp"] / "published"
+    proc = run_test_py("--weights", weights, "--input_dir", main_run["data"], "--result_dir", result,
+                       "--arch", "emnet_tiny", "--embed_dim", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    _, ours = read_csv(main_run["result"] / "metrics.csv")
+    _, published = read_csv(result / "metrics.csv")
+    assert len(published) == 2
+    for a, b in zip(ours, published):
+        assert a["name"] == b["name"]
+        for c in METRIC_COLUMNS:
+            assert float(a[c]) == pytest.approx(float(b[c]), abs=1e-4)
+    assert not (result / "ori").exists()  # no --save_images, no images
+
+
+@pytest.mark.parametrize("layout", ["low_only", "flat"])
+def test_folder_without_ground_truth(tmp_path, make_checkpoint, layout):
+    """Without high/ (low/ alone, or a flat folder) the images are enhanced at their own odd
+    sizes, and metrics.csv holds names only."""
+    weights, _ = make_checkpoint()
+    data = tmp_path / "in"
+    sizes = {"a": (30, 45), "b": (17, 9)}
+    rng = np.random.default_rng(0)
+    for n, hw in sizes.items():
+        folder = data / "low" if layout == "low_only" else data
+        write_png(folder / f"{n}.png", rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    result = tmp_path / "out"
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", result, "--save_images")
+    assert proc.returncode == 0, proc.stderr
+    for n, hw in sizes.items():
+        assert cv2.imread(str(result / "ori" / f"{n}.png")).shape == (*hw, 3)
+    fields, rows = read_csv(result / "metrics.csv")
+    assert fields == ["name"]
+    assert [r["name"] for r in rows] == ["a", "b"]
+    summary = json.loads((result / "summary.json").read_text())
+    assert summary["num_images"] == 2 and summary["mean"] == {}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_input_dir(tmp_path, make_checkpoint):
+    """--input_dir that does not exist."""
+    weights, _ = make_checkpoint()
+    missing = tmp_path / "no_such_dir"
+    proc = run_test_py("--weights", weights, "--input_dir", missing, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, missing)
+    assert not (tmp_path / "r" / "metrics.csv").exists()
+
+
+def test_empty_low_dir(tmp_path, make_checkpoint):
+    """low/ (and high/) without any image."""
+    weights, _ = make_checkpoint()
+    (tmp_path / "in" / "low").mkdir(parents=True)
+    (tmp_path / "in" / "high").mkdir()
+    proc = run_test_py("--weights", weights, "--input_dir", tmp_path / "in", "--result_dir", tmp_path / "r")
+    assert_user_error(proc, tmp_path / "in" / "low")
+
+
+def test_unpaired_names(make_pairs, make_checkpoint, tmp_path):
+    """A low image without a ground truth image of the same name."""
+    weights, _ = make_checkpoint()
+    data = make_pairs(names=("1", "2"), size=(16, 16))
+    extra = write_png(data / "low" / "3.png", np.zeros((16, 16, 3), np.uint8))
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, extra)
+
+
+def test_truncated_image(tmp_path, make_checkpoint):
+    """Half of a real 600x400 PNG: an error naming the file, no traceback, no results written.
+
+    tqdm's progress bar and libpng's own "libpng error: ..." message also reach stderr (outside
+    our control); the error line must still be one line and the last one."""
+    weights, _ = make_checkpoint()
+    data = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    for side in ("low", "high"):
+        write_png(data / side / "1.png", rng.integers(0, 256, (400, 600, 3), dtype=np.uint8))
+    bad = data / "low" / "1.png"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, bad, allow_noise=("enhance:", "libpng"))
+    assert not (tmp_path / "r" / "metrics.csv").exists()
+
+
+def test_missing_weights(small_input, tmp_path):
+    """--weights that does not exist."""
+    missing = tmp_path / "nope.pth"
+    proc = run_test_py("--weights", missing, "--input_dir", small_input, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, missing)
+
+
+def test_corrupt_weights(small_input, tmp_path):
+    """--weights holding random bytes."""
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    proc = run_test_py("--weights", bad, "--input_dir", small_input, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, bad)
+
+
+def test_checkpoint_of_another_architecture(small_input, make_checkpoint, tmp_path):
+    """A published-format emnet_tiny/8 file run without flags (so as the published network): the
+    error names the file and the flags that fit it."""
+    weights, _ = make_checkpoint(fmt="published")
+    proc = run_test_py("--weights", weights, "--input_dir", small_input, "--result_dir", tmp_path / "r")
+    error = assert_user_error(proc, weights)
+    assert "--arch emnet_tiny --embed_dim 8" in error
+    assert re.search(r"\d+ missing, \d+ unexpected, \d+ mis-shaped", error)
+
+
+def test_unwritable_result_dir(small_input, make_checkpoint, tmp_path):
+    """--result_dir below a regular file cannot be created (fails even for root)."""
+    weights, _ = make_checkpoint()
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "sub"
+    proc = run_test_py("--weights", weights, "--input_dir", small_input, "--result_dir", target)
+    assert_user_error(proc, target)
+
+
+def test_memory_flag_not_supported_yet(small_input, make_checkpoint, tmp_path):
+    """--mem_weights is refused cleanly while the memory is not implemented."""
+    weights, _ = make_checkpoint()
+    proc = run_test_py("--weights", weights, "--input_dir", small_input, "--result_dir", tmp_path / "r",
+                       "--mem_weights", tmp_path / "mem.pth")
+    assert_user_error(proc, "--mem_weights")
