@@ -3,7 +3,7 @@
 Writes RESULT_DIR/ori/<name>.png (with --save_images), RESULT_DIR/metrics.csv (one row per
 image), RESULT_DIR/summary.json and RESULT_DIR/result.txt (means). Without a high/ folder the
 images are only enhanced. Example:
-    python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth \
+    python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
         --input_dir datasets/LOL-v1/eval15 --result_dir log_eval/lolv1 --save_images
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), or a flat folder of images")
     p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")
-    p.add_argument("--weights", default="./pre_trained_logs/enhancer/model_lolv1.pth",
+    p.add_argument("--weights", default="./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth",
                    help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
     p.add_argument("--save_images", action="store_true", help="write the enhanced images")
     add_enhancer_args(p, defaults_from_checkpoint=True)

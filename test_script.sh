@@ -4,7 +4,7 @@
 PYTHON=${PYTHON:-python}
 DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}          # where LOL-v1 lives (see README, "Data")
 INPUT_DIR=${INPUT_DIR:-$DATA_ROOT/eval15}
-WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/model_lolv1.pth}
+WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}  # bundled; or the published model_lolv1.pth
 MEM_WEIGHTS=${MEM_WEIGHTS:-}                        # external memory: not in this version yet
 RESULT_DIR=${RESULT_DIR:-./log_eval/lolv1}
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
