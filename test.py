@@ -1,8 +1,9 @@
-"""Enhance a LOL-style folder with a trained EMNet and score the results.
+"""Enhance a LOL-style folder with a trained EMNet, correct it with the external memory, score.
 
-Writes RESULT_DIR/ori/<name>.png (with --save_images), RESULT_DIR/metrics.csv (one row per
-image), RESULT_DIR/summary.json and RESULT_DIR/result.txt (means). Without a high/ folder the
-images are only enhanced. Example:
+Writes RESULT_DIR/ori/<name>.png (the enhancer) and, with --mem_weights, RESULT_DIR/mem/<name>.png
+(after the memory) when --save_images is given, plus RESULT_DIR/metrics.csv (one row per image),
+summary.json and result.txt (means). Without a high/ folder the images are only enhanced.
+--enhanced_dir DIR takes another method's outputs instead of our enhancer (plug-and-play). Example:
     python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
         --input_dir datasets/LOL-v1/eval15 --result_dir log_eval/lolv1 --save_images
 """
@@ -12,22 +13,27 @@ import argparse
 import time
 
 from dataset.pairing import find_pairs
-from utils.checkpoint import describe_config, load_enhancer
+from models.refiner import build_refiner
+from utils.checkpoint import describe_config, load_enhancer, load_memory
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
-from utils.evaluate import evaluate_pairs
+from utils.evaluate import evaluate_pairs, match_enhanced
 from utils.options import add_device_arg, add_enhancer_args, add_memory_args, writable_dir
 from utils.report import METRICS, format_table, write_report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="EMNet evaluation: enhancer outputs (ori) and metrics")
+    p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics")
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), or a flat folder of images")
     p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")
     p.add_argument("--weights", default="./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth",
                    help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
-    p.add_argument("--save_images", action="store_true", help="write the enhanced images")
+    p.add_argument("--mem_weights", default=None, help="external memory checkpoint: adds mem results")
+    p.add_argument("--enhanced_dir", default=None,
+                   help="outputs of any other method, named like the inputs: refined by the memory "
+                        "instead of running our enhancer")
+    p.add_argument("--save_images", action="store_true", help="write the output images")
     add_enhancer_args(p, defaults_from_checkpoint=True)
     add_memory_args(p)
     add_device_arg(p)
@@ -35,25 +41,36 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.mem_weights:
-        raise UserError("--mem_weights: the external memory is not part of this version yet; "
-                        "drop the flag to get the enhancer's (ori) results")
     device = resolve_device(args.device)
     pairs = find_pairs(args.input_dir, require_high=False)
+    enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
+    if enhanced is not None and not args.mem_weights:
+        raise UserError("--enhanced_dir needs --mem_weights: the memory is what refines those images")
     result_dir = writable_dir(args.result_dir, "--result_dir")
-    model, ckpt = load_enhancer(args.weights, args.arch, args.embed_dim)
-    model.to(device)
-    ori_dir = writable_dir(result_dir / "ori", "--result_dir") if args.save_images else None
-
-    has_gt = pairs[0].high is not None
-    columns = [f"ori_{m}" for m in METRICS] if has_gt else []
+    memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
+    model, meta = None, {"input_dir": str(args.input_dir)}
+    if enhanced is None or mem_ckpt.get("query_encoder") == "enhancer":
+        model, ckpt = load_enhancer(args.weights, args.arch, args.embed_dim)
+        model.to(device)
+        meta.update(weights=str(args.weights), model=describe_config(model.config),
+                    checkpoint_epoch=ckpt.get("epoch"))
+    refiner = None
+    if memory is not None:
+        refiner = build_refiner(memory, mem_ckpt, args.mem_weights, model, args.query_encoder,
+                                args.query_weights, args.testing_top_k, args.pooling_mean,
+                                args.pooling_size).to(device)
+        meta.update(mem_weights=str(args.mem_weights), query_encoder=mem_ckpt["query_encoder"],
+                    testing_top_k=args.testing_top_k, pooling_mean=args.pooling_mean)
+    if enhanced is not None:
+        meta["enhanced_dir"] = str(args.enhanced_dir)
+    stages = ["ori", "mem"] if refiner is not None else ["ori"]
+    out = {s: writable_dir(result_dir / s, "--result_dir") if args.save_images else None for s in stages}
+    columns = [f"{s}_{m}" for s in stages for m in METRICS] if pairs[0].high is not None else []
     start = time.perf_counter()
-    rows = evaluate_pairs(model, pairs, device, out_dir=ori_dir)
+    rows = evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced,
+                          ori_dir=out["ori"], mem_dir=out.get("mem"))
     seconds = time.perf_counter() - start
-
-    meta = {"weights": str(args.weights), "model": describe_config(model.config),
-            "checkpoint_epoch": ckpt.get("epoch"), "input_dir": str(args.input_dir),
-            "device": str(device), "seconds": round(seconds, 2)}
+    meta.update(device=str(device), seconds=round(seconds, 2))
     summary = write_report(result_dir, rows, columns, meta)
     if columns:
         print(format_table(rows, columns, summary["mean"]))

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dataset.paired_folder import PairedCrops
-from dataset.pairing import find_pairs, split_pairs
+from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from utils.checkpoint import (ENHANCER_FORMAT, check_state_dict, describe_config, load_checkpoint_file,
                               load_enhancer, save_checkpoint)
@@ -34,6 +34,7 @@ from utils.evaluate import evaluate_pairs
 from utils.losses import EnhancementLoss
 from utils.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.report import mean_scores
+from utils.run_log import RunLog
 from utils.schedule import warmup_cosine
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
 
@@ -94,35 +95,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-class RunLog:
-    """Lines to stdout (tqdm-safe) and to ENV/train.log; tensorboard scalars on the main process."""
-
-    def __init__(self, env_dir: Path, main_process: bool):
-        self.main = main_process
-        self.file = open(env_dir / "train.log", "a") if main_process else None
-        self.tb = None
-        if main_process:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(env_dir / "tensorboard"))
-
-    def line(self, msg: str) -> None:
-        if self.main:
-            stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-            tqdm.write(stamped)
-            self.file.write(stamped + "\n")
-            self.file.flush()
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.main:
-            self.tb.close()
-            self.file.close()
-
-
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not split over {info.world_size} "
@@ -130,17 +102,6 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     for flag in ("nepoch", "batch_size", "train_ps", "val_time", "checkpoint"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-
-
-def load_pairs(args: argparse.Namespace):
-    pairs = find_pairs(args.train_dir)
-    if args.val_dir:
-        return pairs, find_pairs(args.val_dir)
-    train, val = split_pairs(pairs, args.val_percent)
-    if not train:
-        raise UserError(f"all {len(pairs)} pairs of {args.train_dir} fell into the validation split; "
-                        "lower --val_percent or pass --val_dir")
-    return train, val
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -168,8 +129,10 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
     if args.img_vision:
         out_dir = writable_dir(env_dir / "results" / f"epoch_{epoch:04d}", "--save_dir")
     start = time.perf_counter()
-    rows = evaluate_pairs(model, val_pairs, device, out_dir=out_dir, prefix="", progress=False)
-    means = mean_scores(rows, ["psnr", "ssim"])
+    model.eval()
+    rows = evaluate_pairs(model, val_pairs, device, ori_dir=out_dir, progress=False)
+    model.train()
+    means = {k[len("ori_"):]: v for k, v in mean_scores(rows, ["ori_psnr", "ori_ssim"]).items()}
     log.line(f"epoch {epoch} iter {iteration}: val PSNR {means['psnr']:.3f} SSIM {means['ssim']:.4f} "
              f"on {len(rows)} pairs ({time.perf_counter() - start:.1f} s)")
     log.scalars(iteration, {"val/psnr": means["psnr"], "val/ssim": means["ssim"]})
@@ -202,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
                               args.datarange, args.lpips_alexnet).to(device)
 
-    train_pairs, val_pairs = load_pairs(args)
+    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     dataset = PairedCrops(train_pairs, args.train_ps)
     if len(dataset) < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} training "
@@ -274,6 +237,8 @@ def main(args: argparse.Namespace) -> None:
         for step, (low, high) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
                                                 disable=not info.is_main)):
             if step < skip:
+                if step == skip - 1:  # the skipped batches drew crops: go on from the saved RNG state
+                    restore_rng_state(ckpt["rng"])
                 continue
             low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

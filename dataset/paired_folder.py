@@ -74,3 +74,16 @@ class PairedCrops(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = random_crop(*self.images[i], self.patch_size)
         return random_dihedral(low, high)
+
+
+class WithIndex(Dataset):
+    """Any dataset's samples followed by their index (the memory records which sample wrote a slot)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.dataset[i], i)

@@ -101,3 +101,17 @@ def split_pairs(pairs: list[ImagePair], val_percent: float) -> tuple[list[ImageP
     val = [p for p in pairs if is_validation_pair(p.name, val_percent)]
     train = [p for p in pairs if not is_validation_pair(p.name, val_percent)]
     return train, val
+
+
+def training_split(train_dir: str | Path, val_dir: str | Path | None,
+                   val_percent: float) -> tuple[list[ImagePair], list[ImagePair]]:
+    """(train, validation) pairs for both trainers: `val_dir` when given, else the held-out
+    split of `train_dir` (`split_pairs`). The test set is never involved."""
+    pairs = find_pairs(train_dir)
+    if val_dir:
+        return pairs, find_pairs(val_dir)
+    train, val = split_pairs(pairs, val_percent)
+    if not train:
+        raise UserError(f"all {len(pairs)} pairs of {train_dir} fell into the validation split; "
+                        "lower --val_percent or pass --val_dir")
+    return train, val

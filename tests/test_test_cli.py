@@ -297,9 +297,10 @@ def test_unwritable_result_dir(small_input, make_checkpoint, tmp_path):
     assert_user_error(proc, target)
 
 
-def test_memory_flag_not_supported_yet(small_input, make_checkpoint, tmp_path):
-    """--mem_weights is refused cleanly while the memory is not implemented."""
+def test_enhancer_file_as_memory_is_refused(small_input, make_checkpoint, tmp_path):
+    """An enhancer checkpoint given to --mem_weights is named as not being a memory file."""
     weights, _ = make_checkpoint()
     proc = run_test_py("--weights", weights, "--input_dir", small_input, "--result_dir", tmp_path / "r",
-                       "--mem_weights", tmp_path / "mem.pth")
-    assert_user_error(proc, "--mem_weights")
+                       "--mem_weights", weights)
+    assert_user_error(proc, weights)
+    assert "not an external-memory checkpoint" in proc.stderr

@@ -13,12 +13,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.enhancer import ARCH_PRESETS, EMNetEnhancer, EnhancerConfig, make_config
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from models.memory import ExternalMemory
 
 ENHANCER_FORMAT = "emnet-enhancer"
 
@@ -153,3 +156,47 @@ def export_half(src: str | Path, dst: str | Path) -> None:
     keep = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
     keep["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     save_checkpoint(dst, keep)
+
+
+MEMORY_FORMAT = "emnet-memory"
+PUBLISHED_MEMORY_KEYS = ("mem_key", "mem_vale", "mem_age", "mem_index")
+
+
+def memory_payload(memory: "ExternalMemory", epoch: int, query_encoder: str,
+                   head: torch.nn.Module | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """A memory checkpoint: the published keys (`mem_vale` sic) plus how to rebuild the query."""
+    return {"epoch": epoch, "mem_key": memory.key, "mem_vale": memory.value, "mem_age": memory.age,
+            "mem_index": memory.top_index, "format": MEMORY_FORMAT,
+            "memory_config": memory.config.to_dict(), "query_encoder": query_encoder,
+            "head_state_dict": head.state_dict() if head is not None else None, **extra}
+
+
+def load_memory(path: str | Path) -> tuple["ExternalMemory", dict[str, Any]]:
+    """A memory from our checkpoint or a published one (which holds only the banks: its query
+    encoder is the ImageNet ResNet-18 and p follows from the value width 3 * p * p)."""
+    from models.memory import ExternalMemory, MemoryConfig
+
+    path = Path(path)
+    ckpt = load_checkpoint_file(path)
+    if not all(k in ckpt for k in PUBLISHED_MEMORY_KEYS):
+        raise UserError(f"{path} is not an external-memory checkpoint (it lacks "
+                        f"{', '.join(k for k in PUBLISHED_MEMORY_KEYS if k not in ckpt)}); "
+                        "pass a memory file to --mem_weights (an enhancer goes to --weights)")
+    key, value = ckpt["mem_key"], ckpt["mem_vale"]
+    if "memory_config" in ckpt:
+        config = MemoryConfig(**ckpt["memory_config"])
+    else:
+        p = round((value.shape[1] / 3) ** 0.5)
+        if 3 * p * p != value.shape[1]:
+            raise UserError(f"{path}: value width {value.shape[1]} is not 3 * p * p for any p")
+        config = MemoryConfig(mem_size=key.shape[0], key_dim=key.shape[1], pooling_size=p)
+        ckpt = {**ckpt, "query_encoder": "resnet18", "head_state_dict": None}
+    if key.shape != (config.mem_size, config.key_dim) or value.shape != (config.mem_size, config.value_dim):
+        raise UserError(f"{path}: banks of shapes {tuple(key.shape)} / {tuple(value.shape)} do not fit "
+                        f"mem_size {config.mem_size}, key_dim {config.key_dim}, p {config.pooling_size}")
+    memory = ExternalMemory(config)
+    memory.key.copy_(key)
+    memory.value.copy_(value)
+    memory.age.copy_(ckpt["mem_age"])
+    memory.top_index.copy_(ckpt["mem_index"])
+    return memory, ckpt

@@ -1,6 +1,7 @@
-"""The one evaluation loop: enhance pairs, optionally save the outputs, score against ground truth.
+"""The one evaluation loop: enhance pairs (or read another method's outputs), optionally correct
+them with the external memory, save the images, score against ground truth.
 
-Used by `test.py` and by the trainer's validation, so both score the same way.
+Used by `test.py` and by the enhancer trainer's validation, so both score the same way.
 """
 from __future__ import annotations
 
@@ -12,30 +13,64 @@ from torch import nn
 from tqdm import tqdm
 
 from dataset.paired_folder import read_pair
-from dataset.pairing import ImagePair
+from dataset.pairing import ImagePair, name_key
 from models.inference import enhance
-from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image
+from utils.errors import UserError
+from utils.image_io import image_to_tensor, is_image_file, read_image, tensor_to_image, to_uint8, write_image
 from utils.report import score
 
 
-def evaluate_pairs(model: nn.Module, pairs: list[ImagePair], device: torch.device,
-                   out_dir: Path | None = None, prefix: str = "ori_", progress: bool = True,
-                   ) -> list[dict[str, Any]]:
-    """One row per pair: `name` and, where ground truth exists, `<prefix>psnr/ssim/gt_mean_psnr`.
+def _scored(row: dict[str, Any], prefix: str, out8, high) -> None:
+    if high is not None:
+        row.update({f"{prefix}{k}": v for k, v in score(out8, to_uint8(high)).items()})
 
-    With `out_dir`, each output is written as `<out_dir>/<name>.png`.
+
+@torch.no_grad()
+def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: torch.device, *,
+                   refiner: nn.Module | None = None, enhanced: dict[str, Path] | None = None,
+                   ori_dir: Path | None = None, mem_dir: Path | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
+    `mem_...` with a `refiner`).
+
+    `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
+    (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
     """
     rows = []
-    was_training = model.training
-    model.eval()
     for pair in tqdm(pairs, desc="enhance", unit="img", disable=not progress, leave=False):
         low, high = read_pair(pair)
-        out8 = to_uint8(tensor_to_image(enhance(model, image_to_tensor(low).to(device))))
-        if out_dir is not None:
-            write_image(out_dir / f"{pair.name}.png", out8)
+        x = image_to_tensor(low).to(device)
+        if enhanced is not None:
+            other = read_image(enhanced[pair.name])
+            if other.shape != low.shape:
+                raise UserError(f"{enhanced[pair.name]} is {other.shape[1]}x{other.shape[0]} but its "
+                                f"input {pair.low} is {low.shape[1]}x{low.shape[0]}; sizes must agree")
+            y = image_to_tensor(other).to(device)
+        else:
+            y = enhance(enhancer, x)
+        ori8 = to_uint8(tensor_to_image(y))
         row: dict[str, Any] = {"name": pair.name}
-        if high is not None:
-            row.update({f"{prefix}{k}": v for k, v in score(out8, to_uint8(high)).items()})
+        _scored(row, "ori_", ori8, high)
+        if ori_dir is not None:
+            write_image(ori_dir / f"{pair.name}.png", ori8)
+        if refiner is not None:
+            mem8 = to_uint8(tensor_to_image(refiner(x, y)))
+            _scored(row, "mem_", mem8, high)
+            if mem_dir is not None:
+                write_image(mem_dir / f"{pair.name}.png", mem8)
         rows.append(row)
-    model.train(was_training)
     return rows
+
+
+def match_enhanced(pairs: list[ImagePair], folder: str | Path) -> dict[str, Path]:
+    """Map each pair to the image of the same name (any image extension) in `folder`; missing
+    images are a UserError naming them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--enhanced_dir {folder} does not exist; pass the folder of another method's outputs")
+    found = {name_key(f.stem): f for f in folder.iterdir() if f.is_file() and is_image_file(f)}
+    missing = [p.name for p in pairs if name_key(p.name) not in found]
+    if missing:
+        raise UserError(f"--enhanced_dir {folder} lacks images for {len(missing)} inputs "
+                        f"(e.g. {', '.join(missing[:3])}); outputs must be named like the inputs")
+    return {p.name: found[name_key(p.name)] for p in pairs}

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from models.enhancer import ARCH_PRESETS
+from models.query import QUERY_ENCODERS
 from utils.errors import UserError
 
 DEFAULT_VAL_PERCENT = 10.0
@@ -30,13 +31,20 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
     """The external memory's flags, with the original release's names and published defaults."""
-    p.add_argument("--arch_memory", default="external_memory", help="memory module name")
-    p.add_argument("--mem_weights", default=None, help="external memory checkpoint (.pth)")
+    p.add_argument("--arch_memory", default="external_memory", choices=["external_memory"],
+                   help="memory module (one kind, kept for the original scripts)")
     p.add_argument("--mem_size", type=int, default=9000, help="number of memory slots")
-    p.add_argument("--K_feat_dim", type=int, default=512, help="key (query) dimension")
-    p.add_argument("--V_feat_dim", type=int, default=3, help="value dimension (3 * p * p)")
-    p.add_argument("--pooling_size", type=int, default=1, help="p: values are p x p colour means")
+    p.add_argument("--V_feat_dim", type=int, default=None,
+                   help="value width 3 * p * p (default: from --pooling_size)")
+    p.add_argument("--pooling_size", type=int, default=None,
+                   help="p: values are p x p colour means (training default 1; test: from the memory)")
+    p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
     p.add_argument("--testing_top_k", type=int, default=1, help="slots read per query at test time")
+    p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
+                   help="enhancer (offline) or resnet18 (the original; needs --query_weights or the "
+                        "torch hub cache); training default enhancer, test default from the memory")
+    p.add_argument("--query_weights", default=None,
+                   help="torchvision resnet18 state_dict for --query_encoder resnet18")
 
 
 def add_split_arg(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,221 @@
+"""Train EMNet's external memory (stage 2) on top of a frozen enhancer.
+
+Each epoch writes one random crop of every training pair into the memory (EMNET.md update rule);
+with --learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
+Validation compares ori (enhancer) and mem (after the memory) on pairs held out of the training set
+(or --val_dir), never the test set. Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth,
+options.yml, train.log, tensorboard/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+from dataset.paired_folder import PairedCrops, WithIndex, read_pair
+from dataset.pairing import ImagePair, training_split
+from models.enhancer import EMNetEnhancer
+from models.inference import enhance
+from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
+from models.query import QueryHead, build_query_encoder, threshold_triplet_loss
+from utils.checkpoint import load_enhancer, load_memory, memory_payload, save_checkpoint
+from utils.device import resolve_device
+from utils.errors import UserError, run_cli
+from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
+from utils.options import add_device_arg, add_enhancer_args, add_memory_args, add_split_arg, writable_dir
+from utils.report import score
+from utils.run_log import RunLog
+from utils.seed import seed_everything
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer")
+    g = p.add_argument_group("experiment")
+    g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
+    g.add_argument("--save_dir", default="./log", help="root folder of all runs")
+    g.add_argument("--pretrain_weights", default="./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth",
+                   help="the frozen enhancer")
+    add_enhancer_args(g, defaults_from_checkpoint=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--train_dir", default="./datasets/LOL-v1/our485")
+    g.add_argument("--val_dir", default=None, help="default: the split held out of --train_dir")
+    add_split_arg(g)
+    g.add_argument("--train_ps", type=int, default=128, help="training crop size")
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--train_workers", type=int, default=0)
+    g = p.add_argument_group("memory")
+    add_memory_args(g)
+    g.add_argument("--K_feat_dim", type=int, default=None, help="key width (default: the query's)")
+    g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
+    g.add_argument("--top_k", type=int, default=1, help="slots read per query during validation")
+    g.add_argument("--learn_query", action="store_true", help="train a query head (triplet loss)")
+    g.add_argument("--alpha", type=float, default=0.1, help="triplet margin of the query head")
+    g.add_argument("--pos_thres", type=float, default=0.02,
+                   help="a slot is a triplet positive when its value is this close (mean |diff|)")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the query head")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--nepoch", type=int, default=40, help="passes over the training pairs")
+    g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
+    g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
+    add_device_arg(g)
+    g.add_argument("--seed", type=int, default=1234)
+    return p
+
+
+def memory_config(args: argparse.Namespace, key_dim: int) -> MemoryConfig:
+    p = args.pooling_size or 1
+    if args.K_feat_dim and args.K_feat_dim != key_dim:
+        raise UserError(f"--K_feat_dim {args.K_feat_dim} differs from the {args.query_encoder} query "
+                        f"width {key_dim}; drop the flag or change the query encoder")
+    if args.V_feat_dim and args.V_feat_dim != 3 * p * p:
+        raise UserError(f"--V_feat_dim {args.V_feat_dim} must be 3 * p * p = {3 * p * p} for "
+                        f"--pooling_size {p}")
+    return MemoryConfig(mem_size=args.mem_size, key_dim=key_dim, pooling_size=p, threshold=args.thres)
+
+
+class ValidationSet:
+    """Validation pairs with their 8-bit enhancer outputs and base queries, computed once (the
+    enhancer and the encoder are frozen) and cached on disk next to the runs, keyed by their inputs.
+    The memory refines the 8-bit outputs, as `test.py --enhanced_dir` does with saved images."""
+
+    def __init__(self, pairs: list[ImagePair], enhancer: EMNetEnhancer, encoder: torch.nn.Module,
+                 device: torch.device, cache_dir: Path, key: str, log: RunLog):
+        path = cache_dir / f"val_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        if path.is_file():
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            log.line(f"validation outputs and queries from the cache {path}")
+        else:
+            start = time.perf_counter()
+            data = {"ori": [], "high": [], "query": []}
+            for pair in tqdm(pairs, desc="validation cache", leave=False):
+                low, high = read_pair(pair)
+                x = image_to_tensor(low).to(device)
+                data["ori"].append(to_uint8(tensor_to_image(enhance(enhancer, x))))
+                data["high"].append(to_uint8(high))
+                data["query"].append(encoder(x).cpu())
+            data = {k: [torch.as_tensor(v) for v in vs] for k, vs in data.items()}
+            save_checkpoint(path, data)
+            log.line(f"validation outputs and queries for {len(pairs)} pairs in "
+                     f"{time.perf_counter() - start:.0f} s, cached in {path}")
+        self.ori = [t.float().permute(2, 0, 1)[None] / 255 for t in data["ori"]]
+        self.high = [t.numpy() for t in data["high"]]
+        self.query = torch.cat(data["query"])
+        self.ori_scores = [score(o.numpy(), h) for o, h in zip(data["ori"], self.high)]
+
+    @torch.no_grad()
+    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, top_k: int,
+                 pooling_mean: bool) -> dict[str, float]:
+        q = self.query.to(memory.key.device)
+        recalled = memory.read(head(q) if head is not None else q, top_k).cpu()
+        mem = [score(to_uint8(tensor_to_image(refine_with_memory(o, r[None], memory.config.pooling_size,
+                                                                  pooling_mean))), h)
+               for o, r, h in zip(self.ori, recalled, self.high)]
+        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+        return {"ori_psnr": mean(self.ori_scores, "psnr"), "ori_ssim": mean(self.ori_scores, "ssim"),
+                "mem_psnr": mean(mem, "psnr"), "mem_ssim": mean(mem, "ssim")}
+
+
+def main(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    env_dir = Path(args.save_dir) / args.env
+    models_dir = writable_dir(env_dir / "models", "--save_dir")
+    latest_path = models_dir / "memory_latest.pth"
+    if args.resume and not latest_path.is_file():
+        raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
+    query_name = args.query_encoder or "enhancer"
+    enhancer, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)
+    enhancer.to(device).requires_grad_(False)
+    encoder = build_query_encoder(query_name, enhancer, args.query_weights).to(device)
+    config = memory_config(args, encoder.dim)
+    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
+    dataset = WithIndex(PairedCrops(train_pairs, args.train_ps))
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)),
+                        sampler=RandomSampler(dataset, generator=generator), num_workers=args.train_workers)
+
+    memory = ExternalMemory(config, torch.Generator().manual_seed(args.seed)).to(device)
+    head = QueryHead(encoder.dim).to(device) if args.learn_query else None
+    optimizer = torch.optim.Adam(head.parameters(), lr=args.lr) if head is not None else None
+    epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
+    if args.resume:
+        resumed, ckpt = load_memory(latest_path)
+        memory.load_state_dict(resumed.state_dict())
+        if head is not None:
+            head.load_state_dict(ckpt["head_state_dict"])
+            optimizer.load_state_dict(ckpt["head_optimizer"])
+        epoch, best = ckpt["epoch"], ckpt["best"]
+        torch.set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["sampler_rng"])
+
+    log = RunLog(env_dir, True)
+    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(),
+               "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
+               "val_pairs": [p.name for p in val_pairs], "device": str(device)}
+    (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
+             f"{config.key_dim} ({query_name} query{', learned head' if head else ''}), p = "
+             f"{config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
+    val = None
+    if val_pairs:
+        key = "|".join([str(Path(args.pretrain_weights).resolve()),
+                        str(Path(args.pretrain_weights).stat().st_mtime_ns), query_name,
+                        str(args.query_weights), *[str(p.low) for p in val_pairs]])
+        cache_dir = writable_dir(Path(args.save_dir) / "cache", "--save_dir")
+        val = ValidationSet(val_pairs, enhancer, encoder, device, cache_dir, key, log)
+    else:
+        log.line("no validation pairs: memory_best.pth will not be written")
+
+    extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.pretrain_weights),
+             "options": vars(args)}
+    while epoch < args.nepoch:
+        matched = written = 0
+        losses = []
+        for low, high, index in tqdm(loader, desc=f"epoch {epoch}", leave=False):
+            low, high = low.to(device), high.to(device)
+            query = encoder(low)
+            value = pooled_value(high, config.pooling_size)
+            if head is not None:
+                query = head(query)
+                loss = threshold_triplet_loss(query, memory.key, memory.value, value, args.pos_thres, args.alpha)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                query = query.detach()
+            hits = memory.update(query, value, index.to(device))
+            matched += int(hits.sum())
+            written += len(hits)
+        epoch += 1
+        used = int((memory.top_index >= 0).sum())
+        log.line(f"epoch {epoch}: {matched}/{written} queries matched a slot, {used}/{config.mem_size} "
+                 f"slots written" + (f", triplet loss {sum(losses) / len(losses):.4f}" if losses else ""))
+        log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": matched / max(written, 1),
+                            **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
+        if val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
+            m = val.evaluate(memory, head, args.top_k, args.pooling_mean)
+            log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
+                     f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
+            log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
+            if m["mem_psnr"] > best["mem_psnr"]:
+                best = {**m, "epoch": epoch}
+                save_checkpoint(models_dir / "memory_best.pth",
+                                memory_payload(memory, epoch, query_name, head, {**extra, "best": best}))
+        state = {"best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
+                 "head_optimizer": optimizer.state_dict() if optimizer is not None else None}
+        save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head, {**extra, **state}))
+    if val is not None:
+        log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
+                 f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
+    log.close()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
