@@ -22,15 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from dataset.paired_folder import PairedCrops
+from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
+from models.inference import enhance
 from utils.checkpoint import (ENHANCER_FORMAT, check_state_dict, describe_config, load_checkpoint_file,
-                              load_enhancer, save_checkpoint)
+                              load_enhancer, remove_stale_temp_files, save_checkpoint)
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.evaluate import evaluate_pairs
+from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.report import mean_scores
@@ -137,9 +139,6 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
              f"on {len(rows)} pairs ({time.perf_counter() - start:.1f} s)")
     log.scalars(iteration, {"val/psnr": means["psnr"], "val/ssim": means["ssim"]})
     if args.torch_vision and log.tb is not None:
-        from dataset.paired_folder import read_pair
-        from models.inference import enhance
-        from utils.image_io import image_to_tensor
         low, high = read_pair(val_pairs[0])
         x = image_to_tensor(low).to(device)
         strip = torch.cat([x, enhance(model, x), image_to_tensor(high).to(device)], dim=3)
@@ -159,6 +158,8 @@ def main(args: argparse.Namespace) -> None:
     env_dir = Path(args.save_dir) / args.env
     models_dir = writable_dir(env_dir / "models", "--save_dir")
     latest_path = models_dir / "model_latest.pth"
+    if info.is_main:
+        remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
@@ -206,7 +207,9 @@ def main(args: argparse.Namespace) -> None:
         scaler.load_state_dict(ckpt["scaler"])
         epoch, iteration = ckpt["epoch"], ckpt["iteration"]
         best = {"psnr": ckpt["best_psnr"], "epoch": ckpt["best_epoch"]}
-        restore_rng_state(ckpt["rng"])  # rank 0's state; other ranks differ by their seed only
+        restore_rng_state(ckpt["rng"])  # rank 0's state
+        if info.rank > 0:  # other ranks draw their own crops again
+            seed_everything(args.seed + info.rank + iteration)
 
     log = RunLog(env_dir, info.is_main)
     if info.is_main:
@@ -237,7 +240,7 @@ def main(args: argparse.Namespace) -> None:
         for step, (low, high) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
                                                 disable=not info.is_main)):
             if step < skip:
-                if step == skip - 1:  # the skipped batches drew crops: go on from the saved RNG state
+                if step == skip - 1 and info.rank == 0:  # skipped batches drew crops: back to the saved RNG
                     restore_rng_state(ckpt["rng"])
                 continue
             low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
@@ -248,10 +251,10 @@ def main(args: argparse.Namespace) -> None:
             optimizer.zero_grad(set_to_none=True)
             if not all_ranks_true(info, math.isfinite(loss_value), device):
                 bad_steps += 1
-                log.line(f"iteration {iteration}: non-finite loss, step skipped ({bad_steps} in a row)")
+                log.line(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
                 if bad_steps >= MAX_BAD_STEPS:
                     raise UserError(f"loss was NaN/inf for {bad_steps} iterations in a row at iteration "
-                                    f"{iteration}; lower --lr_initial, use --amp bf16/none, or check the data")
+                                    f"{iteration + 1}; lower --lr_initial, use --amp bf16/none, or check the data")
             else:
                 bad_steps = 0
                 scaler.scale(loss).backward()

@@ -25,7 +25,8 @@ from models.enhancer import EMNetEnhancer
 from models.inference import enhance
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.query import QueryHead, build_query_encoder, threshold_triplet_loss
-from utils.checkpoint import load_enhancer, load_memory, memory_payload, save_checkpoint
+from utils.checkpoint import (load_enhancer, load_memory, memory_payload, remove_stale_temp_files,
+                              save_checkpoint)
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
@@ -71,8 +72,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def memory_config(args: argparse.Namespace, key_dim: int) -> MemoryConfig:
     p = args.pooling_size or 1
+    if args.mem_size < 1 or not 1 <= args.top_k <= args.mem_size:
+        raise UserError(f"--top_k {args.top_k} and --mem_size {args.mem_size} must satisfy "
+                        "1 <= top_k <= mem_size")
     if args.K_feat_dim and args.K_feat_dim != key_dim:
-        raise UserError(f"--K_feat_dim {args.K_feat_dim} differs from the {args.query_encoder} query "
+        raise UserError(f"--K_feat_dim {args.K_feat_dim} differs from the {args.query_encoder or 'enhancer'} query "
                         f"width {key_dim}; drop the flag or change the query encoder")
     if args.V_feat_dim and args.V_feat_dim != 3 * p * p:
         raise UserError(f"--V_feat_dim {args.V_feat_dim} must be 3 * p * p = {3 * p * p} for "
@@ -127,6 +131,7 @@ def main(args: argparse.Namespace) -> None:
     env_dir = Path(args.save_dir) / args.env
     models_dir = writable_dir(env_dir / "models", "--save_dir")
     latest_path = models_dir / "memory_latest.pth"
+    remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
     query_name = args.query_encoder or "enhancer"
@@ -147,6 +152,14 @@ def main(args: argparse.Namespace) -> None:
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
         resumed, ckpt = load_memory(latest_path)
+        was = (resumed.config.mem_size, resumed.config.key_dim, resumed.config.pooling_size,
+               ckpt["query_encoder"], ckpt.get("head_state_dict") is not None)
+        now = (config.mem_size, config.key_dim, config.pooling_size, query_name, head is not None)
+        if was != now:
+            raise UserError(f"--resume: {latest_path} holds a memory of {was[0]} x {was[1]}, p = {was[2]}, "
+                            f"{was[3]} query, learned head {was[4]}, not {now[0]} x {now[1]}, p = {now[2]}, "
+                            f"{now[3]} query, learned head {now[4]}; resume with the same --mem_size, "
+                            "--pooling_size, --query_encoder and --learn_query, or use a new --env")
         memory.load_state_dict(resumed.state_dict())
         if head is not None:
             head.load_state_dict(ckpt["head_state_dict"])

@@ -82,7 +82,7 @@ class ExternalMemory(nn.Module):
             if matched.any():
                 rank[top1[matched]] = -float("inf")
             free = int(torch.isfinite(rank).sum())
-            new = new[-free:] if new.numel() > free else new
+            new = new[new.numel() - free:]  # the last `free` ones (none when free == 0)
             slots = rank.topk(new.numel()).indices
             self.key[slots] = query[new]
             self.value[slots] = value[new]

@@ -82,6 +82,10 @@ def build_query_encoder(name: str, enhancer: EMNetEnhancer | None, weights: str 
         path = find_resnet18_weights(weights)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged or foreign file
+            raise UserError(f"cannot load {path} ({type(err).__name__}): the file is corrupt or not a "
+                            "PyTorch state_dict; pass the file of torchvision.models.resnet18") from None
+        try:
             return ResNet18Query(state)
         except (RuntimeError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a torchvision resnet18 state_dict ({type(err).__name__}); "

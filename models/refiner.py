@@ -59,5 +59,6 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
         head = QueryHead(encoder.dim)
         head.load_state_dict(ckpt["head_state_dict"])
     if not 1 <= top_k <= memory.config.mem_size:
-        raise UserError(f"--testing_top_k {top_k} must be between 1 and mem_size {memory.config.mem_size}")
+        raise UserError(f"--testing_top_k {top_k} must be between 1 and the mem_size "
+                        f"{memory.config.mem_size} of memory {path}")
     return MemoryRefiner(encoder, memory, head, top_k, pooling_mean).eval()

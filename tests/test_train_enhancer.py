@@ -343,12 +343,13 @@ def test_kill_9_at_random_moments_never_corrupts_latest(tmp_path):
     save = tmp_path / "runs"
     models = save / "stress" / "models"
     latest = models / "model_latest.pth"
-    nepoch = 60
+    nepoch = 40
     rng = random.Random(1234)
     seen_epochs, mid_write_kills = [], 0
     for cycle in range(6):
         resume = ("--resume",) if latest.exists() else ()
         before = load(latest)["iteration"] if resume else -1
+        before_ino = latest.stat().st_ino if resume else None  # os.replace gives a new inode
         old_tmp = set(models.glob(".model_latest.pth.*"))  # left by earlier kills
 
         def writing() -> bool:
@@ -357,7 +358,7 @@ def test_kill_9_at_random_moments_never_corrupts_latest(tmp_path):
         proc = start_train(train, save, "stress", "--nepoch", nepoch, *resume, *KILL_ARGS)
         try:
             # In the training loop: a checkpoint newer than the one it started from exists.
-            wait_for(lambda: latest.exists() and load_quiet_iteration(latest) > before, proc)
+            wait_for(lambda: latest.exists() and latest.stat().st_ino != before_ino, proc)
             if cycle % 2:
                 end = time.monotonic() + 3
                 while proc.poll() is None and time.monotonic() < end and not writing():
@@ -381,13 +382,6 @@ def test_kill_9_at_random_moments_never_corrupts_latest(tmp_path):
     leftovers = list(models.glob(".model_latest.pth.*"))
     assert len(leftovers) <= 6
     assert mid_write_kills >= 1, "no kill landed while a checkpoint was being written"
-
-
-def load_quiet_iteration(path: Path) -> int:
-    try:
-        return int(load(path)["iteration"])
-    except Exception:  # being replaced right now: try again
-        return -1
 
 
 # ----------------------------------------------------------------------------- 5. bad input
@@ -538,6 +532,7 @@ def _patch_loss(monkeypatch, bad_calls) -> list:
     return made
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
 def test_isolated_nan_steps_are_skipped_without_touching_the_weights(tmp_path, monkeypatch):
     """A few non-finite losses (fewer than MAX_BAD_STEPS in a row) are skipped: the run finishes,
     every weight stays finite, the skipped iterations are logged, and a skipped step leaves the

@@ -46,6 +46,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary files of `save_checkpoint` that a killed run left in `folder`."""
+    for stale in folder.glob(".*.pth.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """torch.load on the CPU with `weights_only=True`; a missing or corrupt file is a UserError."""
     path = Path(path)

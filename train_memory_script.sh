@@ -1,0 +1,32 @@
+#!/bin/sh
+# Train EMNet's external memory on a frozen enhancer. Defaults: the published memory setting
+# (9000 slots, p = 1, threshold 1e-5, batch 128 of 128x128 crops) on LOL-v1 our485.
+# Edit the variables below (or set them in the environment) and run: sh train_memory_script.sh
+PYTHON=${PYTHON:-python}
+DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}
+TRAIN_DIR=${TRAIN_DIR:-$DATA_ROOT/our485}
+VAL_DIR=${VAL_DIR:-}                  # empty: hold out --val_percent of TRAIN_DIR (never the test set)
+PRETRAIN_WEIGHTS=${PRETRAIN_WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}
+ENV=${ENV:-memory_lolv1}
+SAVE_DIR=${SAVE_DIR:-./log}
+QUERY_ENCODER=${QUERY_ENCODER:-enhancer}   # resnet18 = the original (needs ImageNet weights, see README)
+QUERY_WEIGHTS=${QUERY_WEIGHTS:-}           # torchvision resnet18 state_dict for resnet18
+MEM_SIZE=${MEM_SIZE:-9000}
+POOLING_SIZE=${POOLING_SIZE:-1}
+THRES=${THRES:-1e-5}
+BATCH_SIZE=${BATCH_SIZE:-128}
+TRAIN_PS=${TRAIN_PS:-128}
+NEPOCH=${NEPOCH:-40}
+VAL_TIME=${VAL_TIME:-5}
+DEVICE=${DEVICE:-auto}
+EXTRA=${EXTRA:-}                           # more flags, e.g. "--learn_query" or "--resume"
+
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
+
+set -- --env "$ENV" --save_dir "$SAVE_DIR" --pretrain_weights "$PRETRAIN_WEIGHTS" --train_dir "$TRAIN_DIR" \
+  --query_encoder "$QUERY_ENCODER" --mem_size "$MEM_SIZE" --pooling_size "$POOLING_SIZE" --thres "$THRES" \
+  --batch_size "$BATCH_SIZE" --train_ps "$TRAIN_PS" --nepoch "$NEPOCH" --val_time "$VAL_TIME" --device "$DEVICE"
+[ -n "$VAL_DIR" ] && set -- "$@" --val_dir "$VAL_DIR"
+[ -n "$QUERY_WEIGHTS" ] && set -- "$@" --query_weights "$QUERY_WEIGHTS"
+# shellcheck disable=SC2086
+exec "$PYTHON" train_memory.py "$@" $EXTRA
