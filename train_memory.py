@@ -180,7 +180,8 @@ def main(args: argparse.Namespace) -> None:
     if val_pairs:
         key = "|".join([str(Path(args.pretrain_weights).resolve()),
                         str(Path(args.pretrain_weights).stat().st_mtime_ns), query_name,
-                        str(args.query_weights), *[str(p.low) for p in val_pairs]])
+                        str(args.query_weights),
+                        *[f"{f}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for p in val_pairs for f in (p.low, p.high)]])
         cache_dir = writable_dir(Path(args.save_dir) / "cache", "--save_dir")
         val = ValidationSet(val_pairs, enhancer, encoder, device, cache_dir, key, log)
     else:
