@@ -17,6 +17,7 @@ from torch import nn
 from models.enhancer import EMNetEnhancer
 from models.inference import pad_to_multiple
 from utils.errors import UserError
+from utils.local_weights import find_local_weights
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
 QUERY_ENCODERS = ("enhancer", "resnet18")
@@ -63,13 +64,9 @@ class ResNet18Query(nn.Module):
 
 
 def find_resnet18_weights(path: str | None) -> Path:
-    """`path` if given, else torchvision's file in the torch hub cache; a UserError if absent."""
-    candidate = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_FILE
-    if not candidate.is_file():
-        raise UserError(f"--query_encoder resnet18 needs ImageNet ResNet-18 weights and none are at "
-                        f"{candidate} (no downloads here): copy torchvision's {RESNET18_FILE} there "
-                        "or pass --query_weights PATH, or use --query_encoder enhancer")
-    return candidate
+    """The local ResNet-18 weights file (`--query_weights` or the torch hub cache)."""
+    return find_local_weights(path, RESNET18_FILE, "--query_encoder resnet18", "ResNet-18", "--query_weights",
+                              "use --query_encoder enhancer")
 
 
 def build_query_encoder(name: str, enhancer: EMNetEnhancer | None, weights: str | None) -> nn.Module:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
+from utils.local_weights import find_local_weights
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1
 
@@ -93,13 +94,9 @@ def _lpips_linear_file() -> Path:
 
 
 def find_alexnet_weights(path: str | None) -> Path:
-    """`path` if given, else torchvision's file in the torch hub cache; a UserError if absent."""
-    candidate = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-    if not candidate.is_file():
-        raise UserError(f"LPIPS needs ImageNet AlexNet weights and none are at {candidate} (no "
-                        f"downloads here): copy {ALEXNET_FILE} there or pass --lpips_alexnet PATH, "
-                        "or train offline with --lpips_lambda 0 --l1_lambda 1 (see README)")
-    return candidate
+    """The local AlexNet weights file (`--lpips_alexnet` or the torch hub cache)."""
+    return find_local_weights(path, ALEXNET_FILE, "LPIPS", "AlexNet", "--lpips_alexnet",
+                              "train offline with --lpips_lambda 0 --l1_lambda 1 (see README)")
 
 
 def build_lpips(alexnet_path: str | None) -> LPIPS:
