@@ -31,8 +31,13 @@ class EnhancerQuery(nn.Module):
         self.enhancer = enhancer
         self.dim = 16 * enhancer.config.embed_dim
 
+    CHUNK = 16  # images per encoder pass: bounds memory for the training batches of 128 crops
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._describe(part) for part in x.split(self.CHUNK)])
+
+    def _describe(self, x: torch.Tensor) -> torch.Tensor:
         latent = self.enhancer.forward_features(pad_to_multiple(x)[0])[-1]  # (B, 8C, h, w)
         flat = latent.flatten(2)
         desc = torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)  # (B, 16C)
