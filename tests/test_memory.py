@@ -834,3 +834,16 @@ def test_resume_with_other_flags_is_user_error(setup, trained, flags, mem_size):
     proc = run_py("train_memory.py", *train_args(setup, env, *flags, "--nepoch", "3", "--resume", mem_size=mem_size))
     assert_user_error(proc, latest)
     assert latest.read_bytes() == before
+
+
+def test_enhancer_query_in_chunks_equals_one_by_one():
+    """A batch larger than EnhancerQuery.CHUNK gives the same queries as one image at a time."""
+    from models.query import EnhancerQuery
+
+    torch.manual_seed(0)
+    encoder = EnhancerQuery(EMNetEnhancer(make_config("emnet_tiny", 8)).eval())
+    x = torch.rand(EnhancerQuery.CHUNK + 3, 3, 24, 24)
+    together = encoder(x)
+    alone = torch.cat([encoder(x[i:i + 1]) for i in range(len(x))])
+    assert together.shape == (len(x), encoder.dim)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
