@@ -1,11 +1,13 @@
 #!/bin/sh
-# Evaluate EMNet on a LOL-style folder (low/ + high/): writes RESULT_DIR/ori and metrics.
+# Evaluate EMNet on a LOL-style folder (low/ + high/): writes RESULT_DIR/ori, RESULT_DIR/mem and metrics.
 # Edit the variables below (or set them in the environment) and run: sh test_script.sh
 PYTHON=${PYTHON:-python}
 DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}          # where LOL-v1 lives (see README, "Data")
 INPUT_DIR=${INPUT_DIR:-$DATA_ROOT/eval15}
 WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}  # bundled; or the published model_lolv1.pth
-MEM_WEIGHTS=${MEM_WEIGHTS:-}                        # external memory: not in this version yet
+MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth}  # empty: ori only
+QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
+TESTING_TOP_K=${TESTING_TOP_K:-1}
 RESULT_DIR=${RESULT_DIR:-./log_eval/lolv1}
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
 EMBED_DIM=${EMBED_DIM:-}                            # (published files: emnet_enhancer / 32)
@@ -17,5 +19,6 @@ export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.tri
 set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --save_images
 [ -n "$ARCH" ] && set -- "$@" --arch "$ARCH"
 [ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
-[ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS"
+[ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS" --testing_top_k "$TESTING_TOP_K"
+[ -n "$QUERY_WEIGHTS" ] && set -- "$@" --query_weights "$QUERY_WEIGHTS"
 exec "$PYTHON" test.py "$@"
