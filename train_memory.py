@@ -126,6 +126,30 @@ class ValidationSet:
                 "mem_psnr": mean(mem, "psnr"), "mem_ssim": mean(mem, "ssim")}
 
 
+def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
+                optimizer: torch.optim.Optimizer | None, generator: torch.Generator,
+                query_name: str) -> tuple[int, dict]:
+    """Load `memory_latest.pth` into the fresh run's objects; returns (epoch, best scores).
+    A run started with other memory flags is a UserError (the file stays untouched)."""
+    resumed, ckpt = load_memory(path)
+    config = memory.config
+    was = (resumed.config.mem_size, resumed.config.key_dim, resumed.config.pooling_size,
+           ckpt["query_encoder"], ckpt.get("head_state_dict") is not None)
+    now = (config.mem_size, config.key_dim, config.pooling_size, query_name, head is not None)
+    if was != now:
+        raise UserError(f"--resume: {path} holds a memory of {was[0]} x {was[1]}, p = {was[2]}, "
+                        f"{was[3]} query, learned head {was[4]}, not {now[0]} x {now[1]}, p = {now[2]}, "
+                        f"{now[3]} query, learned head {now[4]}; resume with the same --mem_size, "
+                        "--pooling_size, --query_encoder and --learn_query, or use a new --env")
+    memory.load_state_dict(resumed.state_dict())
+    if head is not None:
+        head.load_state_dict(ckpt["head_state_dict"])
+        optimizer.load_state_dict(ckpt["head_optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    generator.set_state(ckpt["sampler_rng"])
+    return ckpt["epoch"], ckpt["best"]
+
+
 def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     env_dir = Path(args.save_dir) / args.env
@@ -151,23 +175,7 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr) if head is not None else None
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
-        resumed, ckpt = load_memory(latest_path)
-        was = (resumed.config.mem_size, resumed.config.key_dim, resumed.config.pooling_size,
-               ckpt["query_encoder"], ckpt.get("head_state_dict") is not None)
-        now = (config.mem_size, config.key_dim, config.pooling_size, query_name, head is not None)
-        if was != now:
-            raise UserError(f"--resume: {latest_path} holds a memory of {was[0]} x {was[1]}, p = {was[2]}, "
-                            f"{was[3]} query, learned head {was[4]}, not {now[0]} x {now[1]}, p = {now[2]}, "
-                            f"{now[3]} query, learned head {now[4]}; resume with the same --mem_size, "
-                            "--pooling_size, --query_encoder and --learn_query, or use a new --env")
-        memory.load_state_dict(resumed.state_dict())
-        if head is not None:
-            head.load_state_dict(ckpt["head_state_dict"])
-            optimizer.load_state_dict(ckpt["head_optimizer"])
-        epoch, best = ckpt["epoch"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["sampler_rng"])
-
+        epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name)
     log = RunLog(env_dir, True)
     options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(),
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
