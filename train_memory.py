@@ -31,7 +31,7 @@ from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 from utils.options import add_device_arg, add_enhancer_args, add_memory_args, add_split_arg, writable_dir
-from utils.report import score
+from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything
 
@@ -111,19 +111,19 @@ class ValidationSet:
         self.ori = [t.float().permute(2, 0, 1)[None] / 255 for t in data["ori"]]
         self.high = [t.numpy() for t in data["high"]]
         self.query = torch.cat(data["query"])
-        self.ori_scores = [score(o.numpy(), h) for o, h in zip(data["ori"], self.high)]
+        ori_rows = [{f"ori_{k}": v for k, v in score(o.numpy(), h).items()} for o, h in zip(data["ori"], self.high)]
+        self.ori_means = mean_scores(ori_rows, ["ori_psnr", "ori_ssim"])  # the enhancer is frozen
 
     @torch.no_grad()
     def evaluate(self, memory: ExternalMemory, head: QueryHead | None, top_k: int,
                  pooling_mean: bool) -> dict[str, float]:
         q = self.query.to(memory.key.device)
         recalled = memory.read(head(q) if head is not None else q, top_k).cpu()
-        mem = [score(to_uint8(tensor_to_image(refine_with_memory(o, r[None], memory.config.pooling_size,
-                                                                  pooling_mean))), h)
-               for o, r, h in zip(self.ori, recalled, self.high)]
-        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        return {"ori_psnr": mean(self.ori_scores, "psnr"), "ori_ssim": mean(self.ori_scores, "ssim"),
-                "mem_psnr": mean(mem, "psnr"), "mem_ssim": mean(mem, "ssim")}
+        p = memory.config.pooling_size
+        mem_rows = [{f"mem_{k}": v for k, v in score(
+            to_uint8(tensor_to_image(refine_with_memory(o, r[None], p, pooling_mean))), h).items()}
+            for o, r, h in zip(self.ori, recalled, self.high)]
+        return {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
 
 
 def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
