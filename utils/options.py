@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from models.enhancer import ARCH_PRESETS
@@ -58,9 +59,8 @@ def writable_dir(path: str | Path, flag: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):  # unique: safe for DDP ranks
+            pass
     except OSError as err:
         raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
     return path
