@@ -1,14 +1,17 @@
 #!/bin/sh
-# Evaluate EMNet on a LOL-style folder (low/ + high/): writes RESULT_DIR/ori, RESULT_DIR/mem and metrics.
-# Edit the variables below (or set them in the environment) and run: sh test_script.sh
+# Evaluate EMNet on a LOL-style folder (low/ + high/): writes RESULT_DIR/ori, RESULT_DIR/mem, metrics,
+# strips/ and index.html. Edit the variables below (or set them in the environment) and run: sh test_script.sh
+# Default input: the synthetic demo set, created on first use (dataset/demo.py). LOL-v1 eval15:
+#   INPUT_DIR=./datasets/LOL-v1/eval15 sh test_script.sh   (or set INPUT_DIR=$DATA_ROOT/eval15 below)
 PYTHON=${PYTHON:-python}
 DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}          # where LOL-v1 lives (see README, "Data")
-INPUT_DIR=${INPUT_DIR:-$DATA_ROOT/eval15}
+DEMO_DIR=./datasets/demo                            # made from scikit-image photos by dataset/demo.py
+INPUT_DIR=${INPUT_DIR:-$DEMO_DIR}                   # LOL-v1: $DATA_ROOT/eval15
 WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}  # bundled; or the published model_lolv1.pth
 MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth}  # empty: ori only
 QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
 TESTING_TOP_K=${TESTING_TOP_K:-1}
-RESULT_DIR=${RESULT_DIR:-./log_eval/lolv1}
+RESULT_DIR=${RESULT_DIR:-./log_eval/$(basename "$INPUT_DIR")}   # demo -> log_eval/demo, eval15 -> log_eval/eval15
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
 EMBED_DIM=${EMBED_DIM:-}                            # (published files: emnet_enhancer / 32)
 DEVICE=${DEVICE:-auto}
@@ -16,7 +19,12 @@ DEVICE=${DEVICE:-auto}
 # glibc returns big tensors to the OS on every call, which makes PyTorch 2-3x slower on Linux CPUs.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 
-set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --save_images
+case "$INPUT_DIR" in   # the demo set is created on first use
+  ./datasets/demo|./datasets/demo/|datasets/demo|datasets/demo/)
+    [ -d "$INPUT_DIR/low" ] || "$PYTHON" -m dataset.demo --out "$INPUT_DIR" || exit $? ;;
+esac
+
+set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --pictures
 [ -n "$ARCH" ] && set -- "$@" --arch "$ARCH"
 [ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
 [ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS" --testing_top_k "$TESTING_TOP_K"
