@@ -24,7 +24,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Te
 
 @torch.no_grad()
 def enhance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Enhance a (B, 3, H, W) batch in [0, 1] of any H, W; the output has the input's size and is
-    clamped to [0, 1]."""
+    """Enhance a (B, 3, H, W) batch in [0, 1] of any H, W; the output has the input's size, is
+    clamped to [0, 1] and is float32 (also under a bf16 autocast)."""
     padded, h, w = pad_to_multiple(x)
-    return model(padded)[..., :h, :w].clamp(0, 1)
+    return model(padded)[..., :h, :w].float().clamp(0, 1)
