@@ -38,9 +38,7 @@ class EnhancerQuery(nn.Module):
         return torch.cat([self._describe(part) for part in x.split(self.CHUNK)])
 
     def _describe(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 even under a bf16 autocast: the top-1 recall is discrete, and bf16 features flip it
-        with torch.autocast(x.device.type, enabled=False):
-            latent = self.enhancer.forward_features(pad_to_multiple(x.float())[0])[-1]  # (B, 8C, h, w)
+        latent = self.enhancer.forward_features(pad_to_multiple(x)[0])[-1]  # (B, 8C, h, w)
         flat = latent.flatten(2)
         desc = torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)  # (B, 16C)
         return F.normalize(desc.float(), dim=1)
