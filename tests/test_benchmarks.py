@@ -1,0 +1,39 @@
+"""The benchmark scripts run and report what they claim (tiny sizes; timings are not checked)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import GLIBC_TUNABLES, REPO
+
+
+def run_script(*args: str) -> list[dict]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_inference_rows():
+    """One row per variant with latency, peak memory and FLOP count, plus the memory-module row."""
+    rows = run_script("benchmarks/bench_inference.py", "--presets", "emnet_tiny:8", "--height", "32",
+                      "--width", "48", "--runs", "1", "--warmup", "0", "--mem_size", "50", "--json")
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"fast", "reference", "memory 50"}
+    for name in ("fast", "reference"):
+        r = by_variant[name]
+        assert r["sec"] > 0 and r["peak_mib"] > 0 and r["images_per_sec"] == 1 / r["sec"]
+    assert by_variant["fast"]["gflop"] == by_variant["reference"]["gflop"] > 0
+    assert all(by_variant["memory 50"][k] > 0 for k in ("query_sec", "read_sec", "correct_sec"))
+
+
+def test_bench_large_image_streamed_matches_full():
+    """The streamed forward with many strips gives the one-piece output (bundled weights)."""
+    (row,) = run_script("benchmarks/bench_large_image.py", "--width", "96", "--height", "64",
+                        "--strip_pixels", "600")
+    assert row["max_abs_diff_8bit"] <= 1
+    assert row["psnr_streamed_vs_full"] >= 60
