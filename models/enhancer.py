@@ -135,22 +135,26 @@ class MDTA(nn.Module):
         cos = gram / (q_norm[..., :, None] * k_norm[..., None, :])
         return (cos * self.temperature).softmax(dim=-1)
 
-    def mix(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """project_out(attn v) for v (B, H, W, C): (B, H, W, C).
+    def mix(self, attn: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """project_out(attn v) (+ residual) for v (B, H, W, C): (B, H, W, C).
 
         The attention is one (C/h x C/h) matrix per head and image and the projection a 1x1 conv,
-        so both fold into one (C x C) matrix per image: one matrix product per pixel, not two.
+        so both fold into one (C x C) matrix per image: one matrix product per pixel, not two. The
+        residual is added inside that product.
         """
         b, h, w, c = v.shape
         proj = self.project_out.weight.view(c, self.heads, c // self.heads)  # (out, heads, C/h)
-        fused = torch.einsum("onj,bnjk->bonk", proj, attn).reshape(b, c, c)  # (B, out, C)
-        return (v.reshape(b, h * w, c) @ fused.transpose(1, 2)).view(b, h, w, c)
+        fused = torch.einsum("onj,bnjk->bnko", proj, attn).reshape(b, c, c)  # (B, in, out)
+        v = v.reshape(b, h * w, c)
+        if residual is None:
+            return (v @ fused).view(b, h, w, c)
+        return torch.baddbmm(residual.reshape(b, h * w, c), v, fused).view(b, h, w, c)
 
-    def nhwc(self, t: torch.Tensor) -> torch.Tensor:
-        """MDTA of a normalised (B, H, W, C) input."""
+    def nhwc(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """MDTA of a normalised (B, H, W, C) input (+ residual)."""
         qkv = self.qkv_nhwc(t)
         attn = self.attention(*self.statistics(qkv))
-        return self.mix(attn, qkv[..., 2 * t.shape[-1]:])
+        return self.mix(attn, qkv[..., 2 * t.shape[-1]:], residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return to_nchw(self.nhwc(to_nhwc(x)))
@@ -185,12 +189,18 @@ class GDFN(nn.Module):
         w_out = F.pad(self.project_out.weight.flatten(1), (0, extra))
         return w_in, w_dw, w_out
 
-    def nhwc(self, t: torch.Tensor) -> torch.Tensor:
-        """GDFN of a normalised (B, H, W, C) input."""
+    def nhwc(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """GDFN of a normalised (B, H, W, C) input (+ residual, added inside the last product)."""
         w_in, w_dw, w_out = self.padded_weights()
-        u = depthwise3x3(w_dw, F.linear(t, w_in))  # (B, H, W, 2P)
         p = w_out.shape[1]
-        return F.linear(F.gelu(u[..., :p]) * u[..., p:], w_out)
+        a = depthwise3x3(w_dw[:p], F.linear(t, w_in[:p]))  # halves kept apart: gelu on contiguous memory
+        b = depthwise3x3(w_dw[p:], F.linear(t, w_in[p:]))
+        g = F.gelu(a)
+        g = g * b if torch.is_grad_enabled() else g.mul_(b)
+        if residual is None:
+            return F.linear(g, w_out)
+        c = residual.shape[-1]
+        return torch.addmm(residual.reshape(-1, c), g.reshape(-1, p), w_out.t()).view(residual.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return to_nchw(self.nhwc(to_nhwc(x)))
@@ -208,8 +218,8 @@ class TransformerBlock(nn.Module):
         self.ffn = GDFN(dim, expansion)
 
     def nhwc(self, t: torch.Tensor) -> torch.Tensor:
-        t = t + self.attn.nhwc(self.norm1.nhwc(t))
-        return t + self.ffn.nhwc(self.norm2.nhwc(t))
+        t = self.attn.nhwc(self.norm1.nhwc(t), residual=t)
+        return self.ffn.nhwc(self.norm2.nhwc(t), residual=t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return to_nchw(self.nhwc(to_nhwc(x)))

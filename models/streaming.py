@@ -72,10 +72,10 @@ def block(blk: "TransformerBlock", t: torch.Tensor, strip_pixels: int) -> torch.
     for r0, r1 in spans:
         a, b = _halo(r0, r1, height, 2)
         piece = t[:, a:b]
-        y = piece + blk.attn.mix(attn, blk.attn.value_nhwc(blk.norm1.nhwc(piece)))
+        y = blk.attn.mix(attn, blk.attn.value_nhwc(blk.norm1.nhwc(piece)), residual=piece)
         ya, _ = _halo(r0, r1, height, 1)  # y is exact on [r0 - 1, r1 + 1) (clipped to the image)
         y = y[:, ya - a:min(r1 + 1, height) - a]
-        z = y + blk.ffn.nhwc(blk.norm2.nhwc(y))
+        z = blk.ffn.nhwc(blk.norm2.nhwc(y), residual=y)
         out[:, r0:r1] = z[:, r0 - ya:r1 - ya]
     return out
 
