@@ -50,7 +50,8 @@ def empty_map(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes *= n
     if like.device.type != "cpu" or nbytes < MAPPED_BYTES:
         return like.new_empty(shape)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=like.dtype).view(shape)
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
+    return torch.frombuffer(mmap.mmap(-1, nbytes, **private), dtype=like.dtype).view(shape)
 
 
 def _halo(r0: int, r1: int, height: int, halo: int) -> tuple[int, int]:
