@@ -3,6 +3,7 @@ random-weight checkpoints in our format and in the published one."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,15 +78,26 @@ def make_pairs(tmp_path):
     return make
 
 
-def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0) -> EMNetEnhancer:
+def run_repo(*argv: str | Path, timeout: float = 180,
+             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGV...` in the repo root, as users run the scripts, with the allocator setting."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
+                    scale: float = 0.02) -> EMNetEnhancer:
     """An enhancer whose every tensor is random and seed-determined (no parameter keeps its
-    default value, so a load that skipped a tensor is visible)."""
+    default value, so a load that skipped a tensor is visible); `scale` is the noise's std."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = EMNetEnhancer(make_config(arch, embed_dim))
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+                p.add_(torch.randn_like(p) * scale)
     return model.eval()
 
 

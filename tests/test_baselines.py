@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GLIBC_TUNABLES, REPO
+from conftest import run_repo
 from models import baselines
 from models.baselines import LimeParams, ZeroDCE
 from utils.checkpoint import memory_payload, save_checkpoint
@@ -237,11 +235,7 @@ def test_neuro_low_light_weights_brighten(lol_root):
 # ----------------------------------------------------------------------------- the CLI
 
 def run_bench(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return subprocess.run([sys.executable, "benchmarks/baselines.py", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_repo("benchmarks/baselines.py", *args, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, must_contain: str) -> None:

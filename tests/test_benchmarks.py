@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import GLIBC_TUNABLES, REPO
+from conftest import run_repo
 
 
 def run_script(*args: str) -> list[dict]:
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_repo(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

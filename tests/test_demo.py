@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import GLIBC_TUNABLES, REPO, write_png
+from conftest import REPO, run_repo, write_png
 from dataset.demo import SOURCES, LowLightModel, build_demo_set, darken, ensure_demo_set, srgb_to_linear
 from dataset.pairing import find_pairs
 from utils.image_io import read_image
@@ -28,9 +27,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def run_demo_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-m", "dataset.demo", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_repo("-m", "dataset.demo", *args, timeout=120)
 
 
 def test_demo_set_layout(demo):

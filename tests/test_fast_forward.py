@@ -5,22 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_enhancer
 from models import streaming
-from models.enhancer import GDFN, EMNetEnhancer, make_config
+from models.enhancer import GDFN, EMNetEnhancer
 from reference_enhancer import ReferenceEnhancer
 
 TOL = 1e-4  # max abs difference allowed in fp32 (the issue's bound)
 
 
 def perturbed(arch: str, dim: int, seed: int) -> EMNetEnhancer:
-    """Random weights, LayerNorms and temperatures moved off their 1/0 init so every parameter
+    """Random weights, LayerNorms and temperatures well off their 1/0 init so every parameter
     matters."""
-    torch.manual_seed(seed)
-    model = EMNetEnhancer(make_config(arch, dim))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return random_enhancer(arch, dim, seed=seed, scale=0.05)
 
 
 def reference_of(model: EMNetEnhancer) -> ReferenceEnhancer:

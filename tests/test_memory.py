@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
+from conftest import random_enhancer, run_repo, write_png
 from test_test_cli import assert_user_error, read_csv
 from models.enhancer import EMNetEnhancer, make_config
 from models.inference import enhance
@@ -36,14 +35,9 @@ MEM_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr", "mem_psnr", "mem_ssim
 
 def run_py(script: str, *args: str | Path, env_extra: dict[str, str] | None = None,
            timeout: float = 180) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` in the repo root, as users run it (mirrors test_test_cli.run_test_py)."""
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """`python SCRIPT ARGS` in the repo root, one thread unless OMP_NUM_THREADS says otherwise."""
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return run_repo(script, *args, timeout=timeout, env_extra={**threads, **(env_extra or {})})
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

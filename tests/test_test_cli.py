@@ -5,18 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import GLIBC_TUNABLES, REPO, write_png
+from conftest import run_repo, write_png
 from utils.checkpoint import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 from utils.metrics import METRIC_CONVENTION, psnr, ssim
@@ -27,11 +25,7 @@ METRIC_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr"]
 
 
 def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return subprocess.run([sys.executable, "test.py", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_repo("test.py", *args, timeout=timeout)
 
 
 def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
