@@ -21,7 +21,7 @@ from utils.checkpoint import describe_config, load_enhancer, load_memory
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.evaluate import evaluate_pairs, match_enhanced
-from utils.options import add_device_arg, add_enhancer_args, add_memory_args, writable_dir
+from utils.options import BUNDLED_ENHANCER, add_device_arg, add_enhancer_args, add_memory_args, writable_dir
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
 
@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), or a flat folder of images")
     p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")
-    p.add_argument("--weights", default="./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth",
+    p.add_argument("--weights", default=BUNDLED_ENHANCER,
                    help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
     p.add_argument("--mem_weights", default=None, help="external memory checkpoint: adds mem results")
     p.add_argument("--enhanced_dir", default=None,

@@ -30,7 +30,7 @@ from utils.checkpoint import (load_enhancer, load_memory, memory_payload, remove
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
-from utils.options import add_device_arg, add_enhancer_args, add_memory_args, add_split_arg, writable_dir
+from utils.options import BUNDLED_ENHANCER, add_device_arg, add_enhancer_args, add_memory_args, add_split_arg, writable_dir
 from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
-    g.add_argument("--pretrain_weights", default="./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth",
+    g.add_argument("--pretrain_weights", default=BUNDLED_ENHANCER,
                    help="the frozen enhancer")
     add_enhancer_args(g, defaults_from_checkpoint=True)
     g = p.add_argument_group("data")

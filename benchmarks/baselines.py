@@ -39,11 +39,10 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image  # noqa: E402
 from utils.metrics import METRIC_CONVENTION  # noqa: E402
-from utils.options import add_device_arg, writable_dir  # noqa: E402
-from utils.report import METRICS, mean_scores  # noqa: E402
+from utils.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
+from utils.report import METRICS, atomic_write_text, mean_scores  # noqa: E402
 
 METHODS = ("input", "gamma", "clahe", "lime", "zerodce")
-DEFAULT_WEIGHTS = REPO / "pre_trained_logs" / "enhancer" / "emnet_dim32_lolv1_h200_bf16.pth"
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -64,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--mem_weights", default=None,
                    help="external memory checkpoint: adds the '+memory' columns (runs test.py per method)")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+    p.add_argument("--weights", default=str(REPO / BUNDLED_ENHANCER),
                    help="enhancer checkpoint for the memory's enhancer query (test.py --weights)")
     p.add_argument("--zerodce_weights", default=None,
                    help="Zero-DCE checkpoint (default: the one inside the installed neuro-low-light package)")
@@ -213,8 +212,8 @@ def main(args: argparse.Namespace) -> None:
             "weights": args.weights if args.mem_weights else None,
             "seconds": round(time.perf_counter() - start, 1)}
     table = markdown_table(results)
-    (result_dir / "baselines.md").write_text(markdown_report(table, results, meta))
-    (result_dir / "baselines.json").write_text(json.dumps({**meta, "methods": results}, indent=2) + "\n")
+    atomic_write_text(result_dir / "baselines.md", markdown_report(table, results, meta))
+    atomic_write_text(result_dir / "baselines.json", json.dumps({**meta, "methods": results}, indent=2) + "\n")
     print(table)
     print(f"{len(pairs)} images, {len(methods)} methods in {meta['seconds']} s; results in {result_dir}")
 

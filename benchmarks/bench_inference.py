@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # no
 from models.query import EnhancerQuery  # noqa: E402
 from models.refiner import MemoryRefiner  # noqa: E402
 from reference_enhancer import ReferenceEnhancer  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"
 VARIANTS = ("fast", "reference", "compiled", "bf16")  # bf16: autocast, GPUs only by default
@@ -51,12 +50,6 @@ def timed(fn, device: torch.device, warmup: int, runs: int) -> tuple[float, floa
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:]), times[0]
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def matmul_peak(device: torch.device, n: int = 2048) -> float:
@@ -102,7 +95,7 @@ def measure(variant: str, arch: str, dim: int, args: argparse.Namespace) -> dict
     gflop = count_gflop(make_config(arch, dim), args.height, args.width)
     return {"preset": f"{arch}:{dim}", "variant": variant, "device": str(device),
             "threads": torch.get_num_threads(), "size": f"{args.width}x{args.height}",
-            "sec": sec, "first_call_sec": first, "images_per_sec": 1 / sec, "peak_mib": peak_mib(device),
+            "sec": sec, "first_call_sec": first, "images_per_sec": 1 / sec, "peak_mib": peak_memory_mib(device),
             "gflop": gflop, "gflops": gflop / sec}
 
 

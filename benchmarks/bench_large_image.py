@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,21 +21,15 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from models.inference import enhance  # noqa: E402
 from utils.checkpoint import load_enhancer  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
-
-WEIGHTS = "pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from utils.options import BUNDLED_ENHANCER  # noqa: E402
 
 
 def test_image(path: str | None, width: int, height: int) -> np.ndarray:
@@ -55,12 +48,12 @@ def run(model, x: torch.Tensor, stream_pixels: int, device: torch.device) -> tup
         torch.cuda.synchronize()
     start = time.perf_counter()
     out = to_uint8(tensor_to_image(enhance(model, x)))
-    return out, time.perf_counter() - start, peak_mib(device)
+    return out, time.perf_counter() - start, peak_memory_mib(device)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=WEIGHTS)
+    p.add_argument("--weights", default=str(REPO / BUNDLED_ENHANCER))
     p.add_argument("--image", default=None, help="a low-light image to resize (default: random)")
     p.add_argument("--width", type=int, default=1600)
     p.add_argument("--height", type=int, default=1200)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 from utils.losses import EnhancementLoss  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:8,emnet_small:16,emnet_enhancer:8,emnet_enhancer:32"
@@ -51,8 +50,7 @@ def bench(arch: str, dim: int, args: argparse.Namespace, device: torch.device) -
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     sec = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mib(device)
     return {"preset": f"{arch}:{dim}", "params": sum(p.numel() for p in model.parameters()),
             "sec_per_iter": sec, "iters_per_sec": 1 / sec, "peak_mib": peak}
 

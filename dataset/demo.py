@@ -23,6 +23,7 @@ from skimage import data as skdata
 
 from utils.errors import UserError, run_cli
 from utils.image_io import write_image
+from utils.report import atomic_write_text
 
 DEFAULT_OUT = Path("datasets/demo")
 
@@ -152,9 +153,7 @@ def build_demo_set(root: Path, model: LowLightModel = LowLightModel(), overwrite
         _write_new(staging / f"{name}.png", low, overwrite)
     sources = root / "SOURCES.txt"
     if overwrite or not sources.exists():
-        tmp = root / ".SOURCES.txt.tmp"
-        tmp.write_text(_sources_text(model, drawn))
-        os.replace(tmp, sources)
+        atomic_write_text(sources, _sources_text(model, drawn))
     low_dir = root / "low"
     low_dir.mkdir(exist_ok=True)
     for f in sorted(staging.iterdir()):

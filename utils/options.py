@@ -10,6 +10,7 @@ from models.query import QUERY_ENCODERS
 from utils.errors import UserError
 
 DEFAULT_VAL_PERCENT = 10.0
+BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
 
 
 def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:

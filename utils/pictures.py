@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
@@ -22,6 +21,7 @@ from dataset.pairing import ImagePair
 from utils.errors import UserError
 from utils.image_io import read_image, to_uint8, write_image
 from utils.metrics import psnr
+from utils.report import atomic_write_text
 
 STAGE_TITLES = {"ori": "ori (enhancer)", "mem": "mem (memory)"}
 BAND_COLOR = (24, 24, 24)  # RGB of the label band
@@ -151,9 +151,7 @@ def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str]
     parts += ["<h2>Images</h2>", '<p class="note">low | ori (enhancer) | mem (memory) | ground truth; '
               "PSNR against the ground truth in each label.</p>", *figures, "</body></html>"]
     path = result_dir / "index.html"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(parts) + "\n")
     return path
 
 

@@ -27,9 +27,11 @@ def mean_scores(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, flo
             for c in columns if any(r.get(c) is not None for r in rows)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to a temporary file beside `path`, then rename: never half a file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -58,10 +60,10 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     writer = csv.DictWriter(buf, fieldnames=["name", *columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(result_dir / "metrics.csv", buf.getvalue())
+    atomic_write_text(result_dir / "metrics.csv", buf.getvalue())
     summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, **meta}
-    _atomic_write_text(result_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(result_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
                       f"images: {len(rows)}"] + [f"mean {c}: {_fmt(v)}" for c, v in means.items()])
-    _atomic_write_text(result_dir / "result.txt", text + "\n")
+    atomic_write_text(result_dir / "result.txt", text + "\n")
     return summary
