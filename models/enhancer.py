@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import streaming
+from models import cpu_kernels, streaming
 from models.layout import depthwise3x3, pointwise, to_nchw, to_nhwc
 
 
@@ -91,6 +91,11 @@ class _Affine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
 
+# A single-head, single-image q k^T is one tall product that the CPU BLAS runs on one thread;
+# split over pixels it is a batch of two, one per core. Sums are the same up to rounding.
+PIXEL_SPLITS = 2
+
+
 class MDTA(nn.Module):
     """Multi-Dconv head Transposed Attention: attention across channels, global over space.
 
@@ -118,12 +123,25 @@ class MDTA(nn.Module):
         v = F.linear(t, self.qkv.weight.flatten(1)[2 * c:])
         return depthwise3x3(self.qkv_dwconv.weight[2 * c:], v)
 
-    def statistics(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sums over pixels, per head: q k^T (B, heads, C/h, C/h), |q|^2 and |k|^2 (B, heads, C/h)."""
+    def statistics(self, qkv: torch.Tensor, squares: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums over pixels, per head: q k^T (B, heads, C/h, C/h), |q|^2 and |k|^2 (B, heads, C/h).
+
+        `squares` (B, 3C), the per-channel sums of qkv^2, saves computing them here.
+        """
         b, h, w, c3 = qkv.shape
-        q, k, _ = qkv.view(b, h * w, 3, self.heads, c3 // (3 * self.heads)).unbind(2)  # (B, HW, heads, C/h)
-        gram = q.permute(0, 2, 3, 1) @ k.permute(0, 2, 1, 3)
-        return gram, q.square().sum(1), k.square().sum(1)
+        d = c3 // (3 * self.heads)
+        q, k, _ = qkv.view(b, h * w, 3, self.heads, d).unbind(2)  # (B, HW, heads, C/h)
+        q, k = q.permute(0, 2, 3, 1), k.permute(0, 2, 1, 3)  # (B, heads, C/h, HW), (B, heads, HW, C/h)
+        if b * self.heads == 1 and (h * w) % PIXEL_SPLITS == 0:
+            parts = qkv.view(PIXEL_SPLITS, -1, c3)  # strided views: no copies
+            gram = torch.bmm(parts[..., :d].transpose(1, 2), parts[..., d:2 * d]).sum(0).view(1, 1, d, d)
+        else:
+            gram = q @ k
+        if squares is None:
+            return gram, q.square().sum(-1), k.square().sum(-2)
+        squares = squares.view(b, 3, self.heads, d)
+        return gram, squares[:, 0], squares[:, 1]
 
     def attention(self, gram: torch.Tensor, q_sq: torch.Tensor, k_sq: torch.Tensor) -> torch.Tensor:
         """softmax(normalise(q) normalise(k)^T * temperature) from `statistics`: (B, heads, C/h, C/h).
@@ -152,8 +170,12 @@ class MDTA(nn.Module):
 
     def nhwc(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """MDTA of a normalised (B, H, W, C) input (+ residual)."""
-        qkv = self.qkv_nhwc(t)
-        attn = self.attention(*self.statistics(qkv))
+        qkv = pointwise(self.qkv, t)
+        if cpu_kernels.applies((qkv,), (self.qkv_dwconv.weight,)):
+            qkv, squares = cpu_kernels.depthwise3x3_squares(qkv, self.qkv_dwconv.weight)
+        else:
+            qkv, squares = depthwise3x3(self.qkv_dwconv.weight, qkv), None
+        attn = self.attention(*self.statistics(qkv, squares))
         return self.mix(attn, qkv[..., 2 * t.shape[-1]:], residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +215,13 @@ class GDFN(nn.Module):
         """GDFN of a normalised (B, H, W, C) input (+ residual, added inside the last product)."""
         w_in, w_dw, w_out = self.padded_weights()
         p = w_out.shape[1]
-        a = depthwise3x3(w_dw[:p], F.linear(t, w_in[:p]))  # halves kept apart: gelu on contiguous memory
-        b = depthwise3x3(w_dw[p:], F.linear(t, w_in[p:]))
-        g = F.gelu(a)
-        g = g * b if torch.is_grad_enabled() else g.mul_(b)
+        a, b = F.linear(t, w_in[:p]), F.linear(t, w_in[p:])  # halves kept apart: contiguous memory
+        if cpu_kernels.applies((a, b), (w_dw,)):
+            g = cpu_kernels.gated_depthwise3x3(a, b, w_dw[:p], w_dw[p:])
+        else:
+            g = F.gelu(depthwise3x3(w_dw[:p], a))
+            b = depthwise3x3(w_dw[p:], b)
+            g = g * b if torch.is_grad_enabled() else g.mul_(b)
         if residual is None:
             return F.linear(g, w_out)
         c = residual.shape[-1]

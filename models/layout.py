@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import cpu_kernels
+
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> contiguous (B, H, W, C); free when `x` is already channels-last in memory."""
@@ -28,4 +30,6 @@ def pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
 
 def depthwise3x3(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Depthwise 3x3 conv with zero padding on (B, H, W, C), `weight` (C, 1, 3, 3)."""
+    if cpu_kernels.applies((t,), (weight,)):
+        return cpu_kernels.depthwise3x3(t, weight)
     return to_nhwc(F.conv2d(to_nchw(t), weight, padding=1, groups=weight.shape[0]))

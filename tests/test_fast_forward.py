@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_enhancer
-from models import streaming
+from models import cpu_kernels, streaming
 from models.enhancer import GDFN, EMNetEnhancer
 from reference_enhancer import ReferenceEnhancer
 
@@ -25,12 +25,23 @@ def reference_of(model: EMNetEnhancer) -> ReferenceEnhancer:
     return ref
 
 
+@pytest.fixture(params=["C kernels", "PyTorch ops"])
+def kernels(request, monkeypatch):
+    """Runs a test with the C kernels (models/cpu_kernels.py) and again with PyTorch ops only."""
+    if request.param == "C kernels":
+        if cpu_kernels.library() is None:
+            pytest.skip("the C kernels could not be built here (no C compiler?)")
+    else:
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("arch,dim,shape", [("emnet_tiny", 8, (2, 3, 24, 40)),
                                             ("emnet_small", 16, (1, 3, 32, 24)),
                                             ("emnet_enhancer", 32, (1, 3, 32, 48))])
-def test_forward_equals_reference(arch, dim, shape):
+def test_forward_equals_reference(arch, dim, shape, kernels):
     """Same weights, same outputs: max |fast - reference| <= 1e-4 in fp32, with non-trivial
-    LayerNorm weights, temperatures and several heads."""
+    LayerNorm weights, temperatures and several heads; with and without the C kernels."""
     model = perturbed(arch, dim, seed=0)
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -68,7 +79,7 @@ def test_gdfn_hidden_width_is_padded_with_exact_zeros():
 
 
 @pytest.mark.parametrize("arch,dim", [("emnet_tiny", 8), ("emnet_enhancer", 32)])
-def test_streamed_forward_equals_full(arch, dim):
+def test_streamed_forward_equals_full(arch, dim, kernels):
     """Row strips of a few rows (so every level has several strips, including a last short one)
     give the same features and output as the one-piece forward."""
     model = perturbed(arch, dim, seed=5)

@@ -1,0 +1,192 @@
+"""Optional C kernels for the CPU forward: depthwise 3x3 conv and the fused GDFN gate.
+
+Why: on a CPU, PyTorch's depthwise conv (oneDNN) runs at about a fifth of the machine's peak, and
+the gate gelu(a) * b costs two more passes over the widest tensors of the network. The kernels in
+`models/csrc/dwconv.c` keep each pixel's channels in vector registers and fuse the gate; with
+them the published enhancer is about 1.2x faster (README, "Speed").
+
+The library is compiled once per machine with the system C compiler (`$CC`, else `cc`, `gcc` or
+`clang`) into `$EMNET_KERNEL_CACHE` (default `~/.cache/emnet-pytorch`), checked against PyTorch on
+a small input, and loaded with ctypes. Without a compiler, if the check fails, or with
+`EMNET_CPU_KERNELS=0`, `library()` is None and the enhancer uses PyTorch ops: same outputs, slower.
+The kernels are used only where no gradient is needed.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("csrc") / "dwconv.c"
+CHANNEL_MULTIPLE = 16  # the kernels handle 16 channels per vector
+# Tried in order: the first that compiles and passes the check is used.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3", "-mcpu=native"),
+    ("-O3",),
+)
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emnet-pytorch"
+    return Path(os.environ.get("EMNET_KERNEL_CACHE", default))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and features, so a cache shared between machines never loads a binary built
+    with `-march=native` for another CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
+    """Compile SOURCE to `target` atomically (temp file, then rename). True on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=120)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return True
+        return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dw3x3.argtypes = [p, p, p, i64, i64, i64, i64, i32]
+    lib.dw3x3_squares.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
+    lib.gated_dw3x3.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.dw3x3.restype = lib.dw3x3_squares.restype = lib.gated_dw3x3.restype = None
+    return lib
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built or fail the check."""
+    if os.environ.get("EMNET_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("no C compiler found: the CPU forward uses PyTorch's depthwise conv (slower)")
+        return None
+    source = SOURCE.read_bytes()
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                         _cpu_signature().encode()])).hexdigest()[:16]
+        path = cache_dir() / f"dwconv-{key}.so"
+        if not path.exists() and not _build(compiler, flags, path):
+            continue
+        try:
+            lib = _bind(ctypes.CDLL(str(path)))
+        except OSError:
+            continue
+        if _passes_check(lib):
+            return lib
+    warnings.warn(f"could not build {SOURCE.name} with {compiler}: the CPU forward uses PyTorch ops (slower)")
+    return None
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) -> contiguous (9, C), the kernels' weight layout."""
+    return weight.detach().reshape(weight.shape[0], 9).t().contiguous()
+
+
+def _run_dw(lib: ctypes.CDLL, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, h, w, c = t.shape
+    taps, out = _taps(weight), torch.empty_like(t)  # named: the memory must outlive the call
+    lib.dw3x3(_ptr(t), _ptr(taps), _ptr(out), n, h, w, c, torch.get_num_threads())
+    return out
+
+
+def _run_dw_squares(lib: ctypes.CDLL, t: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, h, w, c = t.shape
+    threads = torch.get_num_threads()
+    taps, out = _taps(weight), torch.empty_like(t)
+    partial = torch.zeros(threads, n, c, dtype=torch.float64)  # one slice per thread, summed here
+    lib.dw3x3_squares(_ptr(t), _ptr(taps), _ptr(out), _ptr(partial), n, h, w, c, threads)
+    return out, partial.sum(0).to(t.dtype)
+
+
+def _run_gate(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    n, h, w, c = a.shape
+    taps_a, taps_b, out = _taps(wa), _taps(wb), torch.empty_like(a)  # named: must outlive the call
+    lib.gated_dw3x3(_ptr(a), _ptr(b), _ptr(taps_a), _ptr(taps_b), _ptr(out), n, h, w, c,
+                    torch.get_num_threads())
+    return out
+
+
+def _reference_dw(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(t.permute(0, 3, 1, 2), weight, padding=1, groups=weight.shape[0]).permute(0, 2, 3, 1)
+
+
+def _passes_check(lib: ctypes.CDLL) -> bool:
+    """Both kernels match PyTorch on a small input with borders (guards against a bad build)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, 5, 7, 32, generator=g) for _ in range(2))
+    wa, wb = (torch.randn(32, 1, 3, 3, generator=g) for _ in range(2))
+    with torch.no_grad():
+        dw_ok = torch.allclose(_run_dw(lib, a, wa), _reference_dw(a, wa), rtol=1e-5, atol=1e-5)
+        gate = F.gelu(_reference_dw(a, wa)) * _reference_dw(b, wb)
+        gate_ok = torch.allclose(_run_gate(lib, a, b, wa, wb), gate, rtol=1e-5, atol=1e-5)
+    return dw_ok and gate_ok
+
+
+def applies(activations: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> bool:
+    """True where the kernels can stand in for PyTorch ops: contiguous float32 CPU (N, H, W, C)
+    activations with C a multiple of 16, no gradient needed, and the library available."""
+    tensors = activations + weights
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    if not all(t.dim() == 4 and t.is_contiguous() and t.shape[-1] % CHANNEL_MULTIPLE == 0 for t in activations):
+        return False
+    return library() is not None
+
+
+def depthwise3x3(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise 3x3 conv, zero padding, of (N, H, W, C) `t` with `weight` (C, 1, 3, 3)."""
+    return _run_dw(library(), t, weight)
+
+
+def depthwise3x3_squares(t: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`depthwise3x3(t, weight)` and the sum of its squares over pixels, (N, C), in one pass."""
+    return _run_dw_squares(library(), t, weight)
+
+
+def gated_depthwise3x3(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """gelu(depthwise3x3(a, wa)) * depthwise3x3(b, wb), the GDFN gate, for (N, H, W, C) a and b."""
+    return _run_gate(library(), a, b, wa, wb)
