@@ -164,17 +164,52 @@ def _passes_check(lib: ctypes.CDLL) -> bool:
     return dw_ok and gate_ok
 
 
-def applies(activations: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> bool:
-    """True where the kernels can stand in for PyTorch ops: contiguous float32 CPU (N, H, W, C)
-    activations with C a multiple of 16, no gradient needed, and the library available."""
-    tensors = activations + weights
+def _inference_f32(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """float32 CPU tensors, and no gradient needed through them."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def applies(activations: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> bool:
+    """True where the C kernels can stand in for PyTorch ops: contiguous float32 CPU (N, H, W, C)
+    activations with C a multiple of 16, no gradient needed, and the library available."""
+    if not _inference_f32(activations + weights):
         return False
     if not all(t.dim() == 4 and t.is_contiguous() and t.shape[-1] % CHANNEL_MULTIPLE == 0 for t in activations):
         return False
     return library() is not None
+
+
+@lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """oneDNN's fp32 matrix product (the op PyTorch's compiler emits for CPU linears) is in this
+    build of PyTorch and agrees with F.linear. Off with EMNET_CPU_KERNELS=0."""
+    if os.environ.get("EMNET_CPU_KERNELS", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, r = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)
+    try:
+        with torch.no_grad():
+            plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            added = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, None, "add")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    expected = F.linear(x, w)
+    return torch.allclose(plain, expected, atol=1e-5) and torch.allclose(added, expected + r, atol=1e-5)
+
+
+def onednn_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """True where `onednn_linear` can stand in for F.linear / addmm."""
+    return _inference_f32(tensors) and onednn_available()
+
+
+def onednn_linear(t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """t @ weight^T (+ residual) over the last axis with oneDNN: about 1.3x faster on this kind of
+    CPU than the BLAS call behind F.linear for the network's tall, narrow products."""
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(t, weight, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(t, residual, weight, None, "add")
 
 
 def depthwise3x3(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

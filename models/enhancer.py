@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import cpu_kernels, streaming
-from models.layout import depthwise3x3, pointwise, to_nchw, to_nhwc
+from models.layout import depthwise3x3, linear, pointwise, to_nchw, to_nhwc
 
 
 @dataclass
@@ -120,7 +120,7 @@ class MDTA(nn.Module):
     def value_nhwc(self, t: torch.Tensor) -> torch.Tensor:
         """Only v (B, H, W, C): the last third of `qkv_nhwc`, at a third of the cost."""
         c = t.shape[-1]
-        v = F.linear(t, self.qkv.weight.flatten(1)[2 * c:])
+        v = linear(t, self.qkv.weight.flatten(1)[2 * c:])
         return depthwise3x3(self.qkv_dwconv.weight[2 * c:], v)
 
     def statistics(self, qkv: torch.Tensor, squares: torch.Tensor | None = None
@@ -215,17 +215,14 @@ class GDFN(nn.Module):
         """GDFN of a normalised (B, H, W, C) input (+ residual, added inside the last product)."""
         w_in, w_dw, w_out = self.padded_weights()
         p = w_out.shape[1]
-        a, b = F.linear(t, w_in[:p]), F.linear(t, w_in[p:])  # halves kept apart: contiguous memory
+        a, b = linear(t, w_in[:p]), linear(t, w_in[p:])  # halves kept apart: contiguous memory
         if cpu_kernels.applies((a, b), (w_dw,)):
             g = cpu_kernels.gated_depthwise3x3(a, b, w_dw[:p], w_dw[p:])
         else:
             g = F.gelu(depthwise3x3(w_dw[:p], a))
             b = depthwise3x3(w_dw[p:], b)
             g = g * b if torch.is_grad_enabled() else g.mul_(b)
-        if residual is None:
-            return F.linear(g, w_out)
-        c = residual.shape[-1]
-        return torch.addmm(residual.reshape(-1, c), g.reshape(-1, p), w_out.t()).view(residual.shape)
+        return linear(g, w_out, residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return to_nchw(self.nhwc(to_nhwc(x)))

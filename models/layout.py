@@ -23,9 +23,23 @@ def to_nchw(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+def linear(t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """t @ weight^T (+ residual) over the last axis: a bias-free 1x1 conv on (B, H, W, C).
+
+    Without gradients on a CPU this is oneDNN's product (models/cpu_kernels.py), else F.linear or
+    one addmm with the residual added inside.
+    """
+    if cpu_kernels.onednn_applies((t, weight) if residual is None else (t, weight, residual)):
+        return cpu_kernels.onednn_linear(t, weight, residual)
+    if residual is None:
+        return F.linear(t, weight)
+    c = weight.shape[0]
+    return torch.addmm(residual.reshape(-1, c), t.reshape(-1, t.shape[-1]), weight.t()).view(residual.shape)
+
+
 def pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
     """A bias-free 1x1 conv on (B, H, W, C): one matrix product (PyTorch's CPU 1x1 conv is slower)."""
-    return F.linear(t, conv.weight.flatten(1))
+    return linear(t, conv.weight.flatten(1))
 
 
 def depthwise3x3(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
