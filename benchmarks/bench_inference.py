@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from models import cpu_kernels  # noqa: E402
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
 from models.query import EnhancerQuery  # noqa: E402
@@ -33,7 +34,9 @@ from reference_enhancer import ReferenceEnhancer  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"
-VARIANTS = ("fast", "reference", "compiled", "bf16")  # bf16: autocast, GPUs only by default
+# fast: our forward as shipped. torch_ops: the same forward with EMNET_CPU_KERNELS=0, i.e. without
+# the C kernels and oneDNN products of models/cpu_kernels.py. bf16: autocast, GPUs only by default.
+VARIANTS = ("fast", "torch_ops", "reference", "compiled", "bf16")
 
 
 def sync(device: torch.device) -> None:
@@ -96,7 +99,9 @@ def measure(variant: str, arch: str, dim: int, args: argparse.Namespace) -> dict
     return {"preset": f"{arch}:{dim}", "variant": variant, "device": str(device),
             "threads": torch.get_num_threads(), "size": f"{args.width}x{args.height}",
             "sec": sec, "first_call_sec": first, "images_per_sec": 1 / sec, "peak_mib": peak_memory_mib(device),
-            "gflop": gflop, "gflops": gflop / sec}
+            "gflop": gflop, "gflops": gflop / sec,
+            "cpu_kernels": device.type == "cpu" and variant != "reference" and (
+                cpu_kernels.library() is not None or cpu_kernels.onednn_available())}
 
 
 def measure_memory_module(arch: str, dim: int, args: argparse.Namespace) -> dict:
@@ -124,7 +129,10 @@ def run_worker(job: str, args: argparse.Namespace) -> dict:
         a for k, v in (("--device", args.device), ("--height", args.height), ("--width", args.width),
                        ("--runs", args.runs), ("--warmup", args.warmup), ("--mem_size", args.mem_size))
         for a in (k, str(v))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    env = os.environ.copy()
+    if job.startswith("torch_ops:"):
+        env["EMNET_CPU_KERNELS"] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"job": job, "error": tail[0]}
@@ -153,7 +161,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated arch:embed_dim")
     p.add_argument("--variants", default=None,
-                   help=f"comma-separated from {','.join(VARIANTS)} (default: fast,reference, plus bf16 on CUDA)")
+                   help=f"comma-separated from {','.join(VARIANTS)} (default: fast,torch_ops,reference on "
+                        "CPU; fast,reference,bf16 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--height", type=int, default=400)
     p.add_argument("--width", type=int, default=600)
@@ -171,7 +180,7 @@ def main() -> None:
         print(json.dumps(row))
         return
     device = resolve_device(args.device)
-    variants = (args.variants or ("fast,reference,bf16" if device.type == "cuda" else "fast,reference")).split(",")
+    variants = (args.variants or ("fast,reference,bf16" if device.type == "cuda" else "fast,torch_ops,reference")).split(",")
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -15,7 +15,7 @@ Tensors here are (B, H, W, C). `strip_pixels` bounds a strip's pixel count at ev
 Whole maps on the CPU live in anonymous memory maps rather than on the malloc heap: with the
 GLIBC_TUNABLES setting the scripts use (no mmap, no trimming) freed multi-GB maps of different sizes
 were never reused or returned, and a 12-megapixel photo grew past 22 GB; mapped, they are returned
-on free.
+on free. For the same reason the 1x1 convs here are F.linear, not oneDNN (`cpu_kernels.without_onednn`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import cpu_kernels
 from models.layout import to_nchw, to_nhwc
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ def _up_merge(up: nn.Module, d: torch.Tensor, skip: torch.Tensor, reduce: nn.Con
 
 
 @torch.no_grad()
+@cpu_kernels.without_onednn()
 def forward_features(model: "EMNetEnhancer", x: torch.Tensor, strip_pixels: int) -> list[torch.Tensor]:
     """`model.forward_features(x)` with bounded memory."""
     t = _conv3x3_strips(model.patch_embed.proj, to_nhwc(x), strip_pixels, None, 1)
@@ -134,6 +136,7 @@ def forward_features(model: "EMNetEnhancer", x: torch.Tensor, strip_pixels: int)
 
 
 @torch.no_grad()
+@cpu_kernels.without_onednn()
 def forward_head(model: "EMNetEnhancer", x: torch.Tensor, features: list[torch.Tensor],
                  strip_pixels: int) -> torch.Tensor:
     """`model.forward_head(x, features)` with bounded memory."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_repo
+from models import cpu_kernels
 
 
 def run_script(*args: str) -> list[dict]:
@@ -17,11 +18,14 @@ def test_bench_inference_rows():
     rows = run_script("benchmarks/bench_inference.py", "--presets", "emnet_tiny:8", "--height", "32",
                       "--width", "48", "--runs", "1", "--warmup", "0", "--mem_size", "50", "--json")
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"fast", "reference", "memory 50"}
-    for name in ("fast", "reference"):
+    assert set(by_variant) == {"fast", "torch_ops", "reference", "memory 50"}
+    for name in ("fast", "torch_ops", "reference"):
         r = by_variant[name]
         assert r["sec"] > 0 and r["peak_mib"] > 0 and r["images_per_sec"] == 1 / r["sec"]
     assert by_variant["fast"]["gflop"] == by_variant["reference"]["gflop"] > 0
+    kernels = cpu_kernels.library() is not None or cpu_kernels.onednn_available()
+    assert by_variant["fast"]["cpu_kernels"] == kernels
+    assert not by_variant["torch_ops"]["cpu_kernels"], "EMNET_CPU_KERNELS=0 did not reach the worker"
     assert all(by_variant["memory 50"][k] > 0 for k in ("query_sec", "read_sec", "correct_sec"))
 
 

@@ -108,3 +108,22 @@ def test_library_is_built_into_the_cache_once(monkeypatch, tmp_path):
         assert cpu_kernels.library() is not None
     finally:
         cpu_kernels.library.cache_clear()
+
+
+def test_streamed_forward_keeps_to_pytorch_products(monkeypatch):
+    """The bounded-memory path uses F.linear (oneDNN grew its heap by GBs); the plain one oneDNN."""
+    from models import streaming
+    from models.enhancer import EMNetEnhancer, make_config
+
+    if not cpu_kernels.onednn_available():
+        pytest.skip("oneDNN's products are not available in this PyTorch build")
+    calls = []
+    original = cpu_kernels.onednn_linear
+    monkeypatch.setattr(cpu_kernels, "onednn_linear", lambda *a: calls.append(1) or original(*a))
+    model = EMNetEnhancer(make_config("emnet_tiny", 16)).eval()
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        streaming.forward_head(model, x, streaming.forward_features(model, x, 24 * 4), 24 * 4)
+        assert not calls
+        model(x)
+    assert calls
