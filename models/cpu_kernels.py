@@ -50,6 +50,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EMNET_KERNEL_CACHE", default))
 
 
+def _enabled() -> bool:
+    """False when EMNET_CPU_KERNELS=0: both the C kernels and oneDNN's products are off."""
+    return os.environ.get("EMNET_CPU_KERNELS", "1") != "0"
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -98,7 +103,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or fail the check."""
-    if os.environ.get("EMNET_CPU_KERNELS", "1") == "0":
+    if not _enabled():
         return None
     compiler = _compiler()
     if compiler is None:
@@ -130,44 +135,49 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _run_dw(lib: ctypes.CDLL, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def depthwise3x3(t: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Depthwise 3x3 conv, zero padding, of (N, H, W, C) `t` with `weight` (C, 1, 3, 3)."""
     n, h, w, c = t.shape
     taps, out = _taps(weight), torch.empty_like(t)  # named: the memory must outlive the call
-    lib.dw3x3(_ptr(t), _ptr(taps), _ptr(out), n, h, w, c, torch.get_num_threads())
+    (lib or library()).dw3x3(_ptr(t), _ptr(taps), _ptr(out), n, h, w, c, torch.get_num_threads())
     return out
 
 
-def _run_dw_squares(lib: ctypes.CDLL, t: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def depthwise3x3_squares(t: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`depthwise3x3(t, weight)` and the sum of its squares over pixels, (N, C), in one pass."""
     n, h, w, c = t.shape
     threads = torch.get_num_threads()
     taps, out = _taps(weight), torch.empty_like(t)
     partial = torch.zeros(threads, n, c, dtype=torch.float64)  # one slice per thread, summed here
-    lib.dw3x3_squares(_ptr(t), _ptr(taps), _ptr(out), _ptr(partial), n, h, w, c, threads)
+    (lib or library()).dw3x3_squares(_ptr(t), _ptr(taps), _ptr(out), _ptr(partial), n, h, w, c, threads)
     return out, partial.sum(0).to(t.dtype)
 
 
-def _run_gate(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+def gated_depthwise3x3(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor,
+                       lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """gelu(depthwise3x3(a, wa)) * depthwise3x3(b, wb), the GDFN gate, for (N, H, W, C) a and b."""
     n, h, w, c = a.shape
-    taps_a, taps_b, out = _taps(wa), _taps(wb), torch.empty_like(a)  # named: must outlive the call
-    lib.gated_dw3x3(_ptr(a), _ptr(b), _ptr(taps_a), _ptr(taps_b), _ptr(out), n, h, w, c,
-                    torch.get_num_threads())
+    taps_a, taps_b, out = _taps(wa), _taps(wb), torch.empty_like(a)
+    (lib or library()).gated_dw3x3(_ptr(a), _ptr(b), _ptr(taps_a), _ptr(taps_b), _ptr(out), n, h, w, c,
+                                   torch.get_num_threads())
     return out
 
 
-def _reference_dw(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(t.permute(0, 3, 1, 2), weight, padding=1, groups=weight.shape[0]).permute(0, 2, 3, 1)
-
-
 def _passes_check(lib: ctypes.CDLL) -> bool:
-    """Both kernels match PyTorch on a small input with borders (guards against a bad build)."""
+    """All three kernels match PyTorch on a small input with borders (guards against a bad build)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(2, 5, 7, 32, generator=g) for _ in range(2))
     wa, wb = (torch.randn(32, 1, 3, 3, generator=g) for _ in range(2))
     with torch.no_grad():
-        dw_ok = torch.allclose(_run_dw(lib, a, wa), _reference_dw(a, wa), rtol=1e-5, atol=1e-5)
-        gate = F.gelu(_reference_dw(a, wa)) * _reference_dw(b, wb)
-        gate_ok = torch.allclose(_run_gate(lib, a, b, wa, wb), gate, rtol=1e-5, atol=1e-5)
-    return dw_ok and gate_ok
+        conv_a = F.conv2d(a.permute(0, 3, 1, 2), wa, padding=1, groups=32).permute(0, 2, 3, 1)
+        conv_b = F.conv2d(b.permute(0, 3, 1, 2), wb, padding=1, groups=32).permute(0, 2, 3, 1)
+        out, squares = depthwise3x3_squares(a, wa, lib)
+        return (torch.allclose(depthwise3x3(a, wa, lib), conv_a, rtol=1e-5, atol=1e-5)
+                and torch.allclose(out, conv_a, rtol=1e-5, atol=1e-5)
+                and torch.allclose(squares, conv_a.square().sum((1, 2)), rtol=1e-5)
+                and torch.allclose(gated_depthwise3x3(a, b, wa, wb, lib), F.gelu(conv_a) * conv_b,
+                                   rtol=1e-5, atol=1e-5))
 
 
 def _inference_f32(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -191,7 +201,7 @@ def applies(activations: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, 
 def onednn_available() -> bool:
     """oneDNN's fp32 matrix product (the op PyTorch's compiler emits for CPU linears) is in this
     build of PyTorch and agrees with F.linear. Off with EMNET_CPU_KERNELS=0."""
-    if os.environ.get("EMNET_CPU_KERNELS", "1") == "0" or not torch.backends.mkldnn.is_available():
+    if not _enabled() or not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
     x, w, r = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)
@@ -234,18 +244,3 @@ def onednn_linear(t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(t, weight, None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(t, residual, weight, None, "add")
-
-
-def depthwise3x3(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise 3x3 conv, zero padding, of (N, H, W, C) `t` with `weight` (C, 1, 3, 3)."""
-    return _run_dw(library(), t, weight)
-
-
-def depthwise3x3_squares(t: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`depthwise3x3(t, weight)` and the sum of its squares over pixels, (N, C), in one pass."""
-    return _run_dw_squares(library(), t, weight)
-
-
-def gated_depthwise3x3(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """gelu(depthwise3x3(a, wa)) * depthwise3x3(b, wb), the GDFN gate, for (N, H, W, C) a and b."""
-    return _run_gate(library(), a, b, wa, wb)
