@@ -16,12 +16,14 @@ import time
 import torch
 
 from dataset.pairing import find_pairs
+from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import build_refiner
 from utils.checkpoint import describe_config, load_enhancer, load_memory
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.evaluate import evaluate_pairs, match_enhanced
-from utils.options import BUNDLED_ENHANCER, add_device_arg, add_enhancer_args, add_memory_args, writable_dir
+from utils.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
+                           writable_dir)
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
 
@@ -44,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bf16 autocast for the networks (fast on recent GPUs; scores move by ~0.01 dB)")
     add_enhancer_args(p, defaults_from_checkpoint=True)
+    add_border_arg(p)
     add_memory_args(p)
     add_device_arg(p)
     return p
@@ -51,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     args.save_images = args.save_images or args.pictures
+    if args.border_margin < 0:
+        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
     device = resolve_device(args.device)
     pairs = find_pairs(args.input_dir, require_high=False)
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
@@ -59,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
     result_dir = writable_dir(args.result_dir, "--result_dir")
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     model, meta = None, {"input_dir": str(args.input_dir)}
-    if enhanced is None or mem_ckpt.get("query_encoder") == "enhancer":
+    if enhanced is None or mem_ckpt.get("query_encoder") in ENHANCER_DESCRIPTORS:
         model, ckpt = load_enhancer(args.weights, args.arch, args.embed_dim)
         model.to(device)
         meta.update(weights=str(args.weights), model=describe_config(model.config),
@@ -68,9 +73,11 @@ def main(args: argparse.Namespace) -> None:
     if memory is not None:
         refiner = build_refiner(memory, mem_ckpt, args.mem_weights, model, args.query_encoder,
                                 args.query_weights, args.testing_top_k, args.pooling_mean,
-                                args.pooling_size).to(device)
+                                args.pooling_size, args.temperature, args.strength).to(device)
         meta.update(mem_weights=str(args.mem_weights), query_encoder=mem_ckpt["query_encoder"],
-                    testing_top_k=args.testing_top_k, pooling_mean=args.pooling_mean)
+                    testing_top_k=refiner.top_k, temperature=refiner.temperature,
+                    strength=refiner.strength if refiner.strength is not None else "release",
+                    pooling_mean=refiner.pooling_mean)
     if enhanced is not None:
         meta["enhanced_dir"] = str(args.enhanced_dir)
     stages = ["ori", "mem"] if refiner is not None else ["ori"]
@@ -79,9 +86,9 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
         rows = evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced,
-                              ori_dir=out["ori"], mem_dir=out.get("mem"))
+                              ori_dir=out["ori"], mem_dir=out.get("mem"), margin=args.border_margin)
     seconds = time.perf_counter() - start
-    meta.update(device=str(device), amp=args.amp, seconds=round(seconds, 2))
+    meta.update(border_margin=args.border_margin, device=str(device), amp=args.amp, seconds=round(seconds, 2))
     summary = write_report(result_dir, rows, columns, meta)
     if columns:
         print(format_table(rows, columns, summary["mean"]))

@@ -1,7 +1,10 @@
 """Train EMNet's external memory (stage 2) on top of a frozen enhancer.
 
-Each epoch writes one random crop of every training pair into the memory (EMNET.md update rule);
-with --learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
+Entries (--entries): `crops` (the release) writes one random crop of every training pair per
+epoch into the memory (EMNET.md update rule); `images` writes every training pair whole, with the
+query computed exactly as at test time (`benchmarks/memory_study.py` compares the two). With
+--learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
+--strength auto calibrates the correction strength on the training pairs (models/calibration.py).
 Validation compares ori (enhancer) and mem (after the memory) on pairs held out of the training set
 (or --val_dir), never the test set. Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth,
 options.yml, train.log, tensorboard/.
@@ -9,7 +12,6 @@ options.yml, train.log, tensorboard/.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -21,29 +23,32 @@ from tqdm import tqdm
 
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, training_split
-from models.enhancer import EMNetEnhancer
-from models.inference import enhance
+from models.calibration import calibrate_strength
+from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
-from models.query import QueryHead, build_query_encoder, threshold_triplet_loss
-from utils.checkpoint import (load_enhancer, load_memory, memory_payload, remove_stale_temp_files,
-                              save_checkpoint)
+from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
+from models.refiner import read_settings
+from utils.checkpoint import load_enhancer, load_memory, memory_payload, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
-from utils.options import BUNDLED_ENHANCER, add_device_arg, add_enhancer_args, add_memory_args, add_split_arg, writable_dir
+from utils.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
+                           add_split_arg, writable_dir)
 from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer")
+    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
     g.add_argument("--pretrain_weights", default=BUNDLED_ENHANCER,
                    help="the frozen enhancer")
     add_enhancer_args(g, defaults_from_checkpoint=True)
+    add_border_arg(g)
     g = p.add_argument_group("data")
     g.add_argument("--train_dir", default="./datasets/LOL-v1/our485")
     g.add_argument("--val_dir", default=None, help="default: the split held out of --train_dir")
@@ -55,7 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_memory_args(g)
     g.add_argument("--K_feat_dim", type=int, default=None, help="key width (default: the query's)")
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
-    g.add_argument("--top_k", type=int, default=1, help="slots read per query during validation")
+    g.add_argument("--entries", choices=["crops", "images"], default="crops",
+                   help="what a slot holds: a --train_ps crop (the release) or a whole training image, "
+                        "queried as at test time")
     g.add_argument("--learn_query", action="store_true", help="train a query head (triplet loss)")
     g.add_argument("--alpha", type=float, default=0.1, help="triplet margin of the query head")
     g.add_argument("--pos_thres", type=float, default=0.02,
@@ -70,11 +77,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def memory_config(args: argparse.Namespace, key_dim: int) -> MemoryConfig:
+def read_config(args: argparse.Namespace) -> dict:
+    """The read settings the memory is validated with and stores for test.py; "auto" strength is
+    kept as such until calibrated after training."""
+    auto = args.strength == "auto"
+    read = read_settings({}, args.testing_top_k, args.temperature, None if auto else args.strength,
+                         args.pooling_mean)
+    return {**read, "strength": "auto"} if auto else read
+
+
+def memory_config(args: argparse.Namespace, key_dim: int, top_k: int) -> MemoryConfig:
     p = args.pooling_size or 1
-    if args.mem_size < 1 or not 1 <= args.top_k <= args.mem_size:
-        raise UserError(f"--top_k {args.top_k} and --mem_size {args.mem_size} must satisfy "
-                        "1 <= top_k <= mem_size")
+    if args.mem_size < 1 or not 1 <= top_k <= args.mem_size:
+        raise UserError(f"--testing_top_k {top_k} and --mem_size {args.mem_size} must satisfy "
+                        "1 <= testing_top_k <= mem_size")
     if args.K_feat_dim and args.K_feat_dim != key_dim:
         raise UserError(f"--K_feat_dim {args.K_feat_dim} differs from the {args.query_encoder or 'enhancer'} query "
                         f"width {key_dim}; drop the flag or change the query encoder")
@@ -84,46 +100,49 @@ def memory_config(args: argparse.Namespace, key_dim: int) -> MemoryConfig:
     return MemoryConfig(mem_size=args.mem_size, key_dim=key_dim, pooling_size=p, threshold=args.thres)
 
 
-class ValidationSet:
-    """Validation pairs with their 8-bit enhancer outputs and base queries, computed once (the
-    enhancer and the encoder are frozen) and cached on disk next to the runs, keyed by their inputs.
-    The memory refines the 8-bit outputs, as `test.py --enhanced_dir` does with saved images."""
+def image_queries(passes: list[FrozenPass], pairs: list[ImagePair], encoder: torch.nn.Module,
+                  query_name: str, device: torch.device) -> torch.Tensor:
+    """Whole-image queries (N, D) as test.py computes them: enhancer descriptors from the cached
+    pass's feature statistics, other encoders on the low image."""
+    if query_name in ENHANCER_DESCRIPTORS:
+        return describe_passes(passes, query_name).to(device)
+    return torch.cat([encoder(image_to_tensor(read_pair(pair)[0]).to(device)) for pair in pairs])
 
-    def __init__(self, pairs: list[ImagePair], enhancer: EMNetEnhancer, encoder: torch.nn.Module,
-                 device: torch.device, cache_dir: Path, key: str, log: RunLog):
-        path = cache_dir / f"val_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-        if path.is_file():
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            log.line(f"validation outputs and queries from the cache {path}")
-        else:
-            start = time.perf_counter()
-            data = {"ori": [], "high": [], "query": []}
-            for pair in tqdm(pairs, desc="validation cache", leave=False):
-                low, high = read_pair(pair)
-                x = image_to_tensor(low).to(device)
-                data["ori"].append(to_uint8(tensor_to_image(enhance(enhancer, x))))
-                data["high"].append(to_uint8(high))
-                data["query"].append(encoder(x).cpu())
-            data = {k: [torch.as_tensor(v) for v in vs] for k, vs in data.items()}
-            save_checkpoint(path, data)
-            log.line(f"validation outputs and queries for {len(pairs)} pairs in "
-                     f"{time.perf_counter() - start:.0f} s, cached in {path}")
-        self.ori = [t.float().permute(2, 0, 1)[None] / 255 for t in data["ori"]]
-        self.high = [t.numpy() for t in data["high"]]
-        self.query = torch.cat(data["query"])
-        ori_rows = [{f"ori_{k}": v for k, v in score(o.numpy(), h).items()} for o, h in zip(data["ori"], self.high)]
+
+class ValidationSet:
+    """Validation pairs through the frozen enhancer (cached passes) with their queries: the
+    memory's ori and mem scores on them, read as test.py reads."""
+
+    def __init__(self, passes: list[FrozenPass], queries: torch.Tensor):
+        self.passes, self.query = passes, queries
+        ori_rows = [{f"ori_{k}": v for k, v in score(to_uint8(tensor_to_image(fp.ori.float())), fp.high).items()}
+                    for fp in passes]
         self.ori_means = mean_scores(ori_rows, ["ori_psnr", "ori_ssim"])  # the enhancer is frozen
 
     @torch.no_grad()
-    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, top_k: int,
-                 pooling_mean: bool) -> dict[str, float]:
+    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: dict) -> dict[str, float]:
         q = self.query.to(memory.key.device)
-        recalled = memory.read(head(q) if head is not None else q, top_k).cpu()
+        recalled = memory.read(head(q) if head is not None else q, read["top_k"], read["temperature"]).cpu()
         p = memory.config.pooling_size
-        mem_rows = [{f"mem_{k}": v for k, v in score(
-            to_uint8(tensor_to_image(refine_with_memory(o, r[None], p, pooling_mean))), h).items()}
-            for o, r, h in zip(self.ori, recalled, self.high)]
+        mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(refine_with_memory(
+            fp.ori[None].float(), r[None], p, read["pooling_mean"], read["strength"]))), fp.high).items()}
+            for fp, r in zip(self.passes, recalled)]
         return {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
+
+
+class ImageEntries(torch.utils.data.Dataset):
+    """`--entries images`: each training pair whole, as (query, target value, index)."""
+
+    def __init__(self, queries: torch.Tensor, passes: list[FrozenPass], p: int):
+        self.queries = queries.cpu()
+        self.values = torch.cat([pooled_value(torch.from_numpy(fp.high).permute(2, 0, 1)[None].float() / 255, p)
+                                 for fp in passes])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.queries[i], self.values[i], i
 
 
 def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
@@ -158,14 +177,30 @@ def main(args: argparse.Namespace) -> None:
     remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
+    if args.border_margin < 0:
+        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
     query_name = args.query_encoder or "enhancer"
+    read = read_config(args)
     enhancer, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)
     enhancer.to(device).requires_grad_(False)
     encoder = build_query_encoder(query_name, enhancer, args.query_weights).to(device)
-    config = memory_config(args, encoder.dim)
+    config = memory_config(args, encoder.dim, read["top_k"])
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
-    dataset = WithIndex(PairedCrops(train_pairs, args.train_ps))
     seed_everything(args.seed)
+    log = RunLog(env_dir, True)
+    cache = writable_dir(Path(args.save_dir) / "cache" / "frozen", "--save_dir") / cache_key(
+        args.pretrain_weights, args.border_margin)
+    train_passes = None
+    if args.entries == "images" or read["strength"] == "auto":
+        start = time.perf_counter()
+        train_passes = cached_passes(enhancer, train_pairs, device, cache, args.border_margin, "train pairs")
+        log.line(f"enhancer passes of {len(train_pairs)} training pairs ready in {time.perf_counter() - start:.0f} s "
+                 f"(cache {cache})")
+    if args.entries == "images":
+        dataset = ImageEntries(image_queries(train_passes, train_pairs, encoder, query_name, device),
+                               train_passes, config.pooling_size)
+    else:
+        dataset = WithIndex(PairedCrops(train_pairs, args.train_ps))
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)),
                         sampler=RandomSampler(dataset, generator=generator), num_workers=args.train_workers)
@@ -176,34 +211,32 @@ def main(args: argparse.Namespace) -> None:
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
         epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name)
-    log = RunLog(env_dir, True)
-    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(),
+    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(), "read": read,
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "device": str(device)}
     (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
     log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
-             f"{config.key_dim} ({query_name} query{', learned head' if head else ''}), p = "
-             f"{config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
+             f"{config.key_dim} ({query_name} query{', learned head' if head else ''}, {args.entries} entries), "
+             f"p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
     val = None
     if val_pairs:
-        key = "|".join([str(Path(args.pretrain_weights).resolve()),
-                        str(Path(args.pretrain_weights).stat().st_mtime_ns), query_name,
-                        str(args.query_weights),
-                        *[f"{f}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for p in val_pairs for f in (p.low, p.high)]])
-        cache_dir = writable_dir(Path(args.save_dir) / "cache", "--save_dir")
-        val = ValidationSet(val_pairs, enhancer, encoder, device, cache_dir, key, log)
+        passes = cached_passes(enhancer, val_pairs, device, cache, args.border_margin, "validation pairs")
+        val = ValidationSet(passes, image_queries(passes, val_pairs, encoder, query_name, device))
     else:
         log.line("no validation pairs: memory_best.pth will not be written")
+    val_read = {**read, "strength": None} if read["strength"] == "auto" else read
 
     extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.pretrain_weights),
-             "options": vars(args)}
+             "entries": args.entries, "border_margin": args.border_margin, "options": vars(args)}
     while epoch < args.nepoch:
         matched = written = 0
         losses = []
-        for low, high, index in tqdm(loader, desc=f"epoch {epoch}", leave=False):
-            low, high = low.to(device), high.to(device)
-            query = encoder(low)
-            value = pooled_value(high, config.pooling_size)
+        for batch in tqdm(loader, desc=f"epoch {epoch}", leave=False):
+            if args.entries == "images":
+                query, value, index = (t.to(device) for t in batch)
+            else:
+                low, high, index = (t.to(device) for t in batch)
+                query, value = encoder(low), pooled_value(high, config.pooling_size)
             if head is not None:
                 query = head(query)
                 loss = threshold_triplet_loss(query, memory.key, memory.value, value, args.pos_thres, args.alpha)
@@ -212,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
                 optimizer.step()
                 losses.append(loss.item())
                 query = query.detach()
-            hits = memory.update(query, value, index.to(device))
+            hits = memory.update(query, value, index)
             matched += int(hits.sum())
             written += len(hits)
         epoch += 1
@@ -222,21 +255,50 @@ def main(args: argparse.Namespace) -> None:
         log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": matched / max(written, 1),
                             **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
         if val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
-            m = val.evaluate(memory, head, args.top_k, args.pooling_mean)
+            m = val.evaluate(memory, head, val_read)
             log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
                      f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
             log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
             if m["mem_psnr"] > best["mem_psnr"]:
                 best = {**m, "epoch": epoch}
-                save_checkpoint(models_dir / "memory_best.pth",
-                                memory_payload(memory, epoch, query_name, head, {**extra, "best": best}))
+                save_checkpoint(models_dir / "memory_best.pth", memory_payload(
+                    memory, epoch, query_name, head, {**extra, "read": val_read, "best": best}))
         state = {"best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
                  "head_optimizer": optimizer.state_dict() if optimizer is not None else None}
-        save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head, {**extra, **state}))
-    if val is not None:
+        save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head,
+                                                    {**extra, "read": val_read, **state}))
+    if read["strength"] == "auto":
+        calibrate_final(memory, head, train_passes, train_pairs, encoder, query_name, read, models_dir,
+                        val, log, device)
+    elif val is not None:
         log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
                  f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
     log.close()
+
+
+def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
+                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: dict,
+                    models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
+    """--strength auto: choose the strength on the training pairs (leave-one-out reads) and store
+    it in memory_latest.pth, which is then also memory_best.pth (the validation split is only
+    reported, it chooses nothing)."""
+    queries = image_queries(passes, pairs, encoder, query_name, device)
+    if head is not None:
+        queries = head(queries).detach()
+    strength, curve = calibrate_strength(memory, queries, [fp.ori for fp in passes], [fp.high for fp in passes],
+                                         read["top_k"], read["temperature"], read["pooling_mean"])
+    log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
+             ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()) + f" -> {strength}")
+    final = {**read, "strength": strength}
+    ckpt = torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
+    ckpt.update(read=final, calibration={str(s): v for s, v in curve.items()})
+    if val is not None:
+        m = val.evaluate(memory, head, final)
+        ckpt["best"] = {**m, "epoch": ckpt["epoch"]}
+        log.line(f"finished: val ori PSNR {m['ori_psnr']:.3f} | mem PSNR {m['mem_psnr']:.3f} SSIM "
+                 f"{m['mem_ssim']:.4f} at strength {strength}; memory in {models_dir}")
+    for name in ("memory_latest.pth", "memory_best.pth"):
+        save_checkpoint(models_dir / name, ckpt)
 
 
 if __name__ == "__main__":

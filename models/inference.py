@@ -1,4 +1,10 @@
-"""Run the enhancer on images of any size."""
+"""Run the enhancer on images of any size.
+
+Two paddings happen around the network: a reflected `margin` on every side, so that the
+convolutions' zero padding falls outside the picture (without it the outer rows and columns come
+out as a thin coloured frame), and a pad to a multiple of 8 at the bottom/right for the three 2x
+downsamplings. Both are cropped off the output.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,25 +12,52 @@ import torch.nn.functional as F
 from torch import nn
 
 MULTIPLE = 8  # three 2x downsamplings
+BORDER_MARGIN = 8  # default reflected margin (pixels per side); 0 = the original code's behaviour
+
+
+def _pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """Reflect padding where the image is large enough, replicate otherwise (e.g. a 1x1 image)."""
+    if not (left or right or top or bottom):
+        return x
+    h, w = x.shape[-2:]
+    mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+    return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Tensor, int, int]:
     """Pad (B, C, H, W) at the bottom/right up to multiples of `multiple`.
 
-    Reflect padding where the image is large enough, replicate otherwise (e.g. a 1x1 image).
     Returns the padded tensor and the original H, W.
     """
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, h, w
+    return _pad(x, 0, (-w) % multiple, 0, (-h) % multiple), h, w
+
+
+def pad_for_network(x: torch.Tensor, margin: int = BORDER_MARGIN) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """The network's input for (B, 3, H, W) of any size: a reflected `margin` on every side, then
+    padded to multiples of 8. Returns it and the (rows, columns) slices of the original image."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    h, w = x.shape[-2:]
+    x = _pad(x, margin, margin, margin, margin)
+    x, _, _ = pad_to_multiple(x)
+    return x, (slice(margin, margin + h), slice(margin, margin + w))
 
 
 @torch.no_grad()
-def enhance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def enhance_with_features(model: nn.Module, x: torch.Tensor, margin: int = BORDER_MARGIN
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`enhance` plus the encoder features of the same pass (of the padded input), so the
+    memory's enhancer query needs no second encoder pass."""
+    padded, (rows, cols) = pad_for_network(x, margin)
+    features = model.forward_features(padded)
+    y = model.forward_head(padded, features)[..., rows, cols]
+    return y.float().clamp(0, 1), features
+
+
+@torch.no_grad()
+def enhance(model: nn.Module, x: torch.Tensor, margin: int = BORDER_MARGIN) -> torch.Tensor:
     """Enhance a (B, 3, H, W) batch in [0, 1] of any H, W; the output has the input's size, is
     clamped to [0, 1] and is float32 (also under a bf16 autocast)."""
-    padded, h, w = pad_to_multiple(x)
-    return model(padded)[..., :h, :w].float().clamp(0, 1)
+    padded, (rows, cols) = pad_for_network(x, margin)
+    return model(padded)[..., rows, cols].float().clamp(0, 1)

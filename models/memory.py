@@ -90,31 +90,49 @@ class ExternalMemory(nn.Module):
             self.age[slots] = 0
         return matched
 
-    def read(self, query: torch.Tensor, top_k: int = 1) -> torch.Tensor:
-        """Recalled values (B, value_dim): the best slot's value for k = 1, else the softmax(score)
-        weighted mean of the top-k slots' values."""
-        scores, idx = self.scores(query).topk(top_k, dim=1)  # (B, k)
+    def read(self, query: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
+             exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Recalled values (B, value_dim): the best slot's value for k = 1, else the mean of the
+        top-k slots' values weighted by softmax(score / temperature) (the release: temperature 1).
+
+        Slots never written (`top_index` -1, still random) are skipped once any slot is written.
+        `exclude` (B,) masks, per query, the slots written by that training-sample index: a
+        leave-one-out read of the memory's own training samples.
+        """
+        scores = self.scores(query)
+        written = self.top_index >= 0
+        if written.any() and not written.all():
+            scores = scores.masked_fill(~written, -float("inf"))
+        if exclude is not None:
+            scores = scores.masked_fill(self.top_index[None] == exclude[:, None], -float("inf"))
+        scores, idx = scores.topk(top_k, dim=1)  # (B, k)
         if top_k == 1:
             return self.value[idx[:, 0]]
-        weights = scores.softmax(dim=1)
+        weights = (scores / temperature).softmax(dim=1)
         return (weights[..., None] * self.value[idx]).sum(dim=1)
 
 
 def refine_with_memory(y: torch.Tensor, recalled: torch.Tensor, pooling_size: int,
-                       pooling_mean: bool = False) -> torch.Tensor:
+                       pooling_mean: bool = False, strength: float | None = None) -> torch.Tensor:
     """Correct enhancer outputs y (B, 3, H, W) with recalled values (B, 3 * p * p).
 
-    mu = p x p average pool of y; r = m / mu; per channel (a1, a2) = softmax over (mu, m);
-    gain g = a1 + a2 * r (g = 1 when m = mu); with p > 1 the gain map is upsampled bilinearly to
-    the image; `pooling_mean` uses one gain for all channels. Output = clamp(clamp(y) * g, 0, 1).
+    mu = p x p average pool of y; r = m / mu. The release's correction (`strength` None): per
+    channel (a1, a2) = softmax over (mu, m), gain g = a1 + a2 * r, about half-way to r.
+    With a `strength` s: g = 1 + s * (r - 1) (s = 1 scales y to the recalled colour, s = 0 leaves
+    it), s calibrated on training images. g = 1 when m = mu. With p > 1 the gain map is upsampled
+    bilinearly to the image; `pooling_mean` uses one gain for all channels.
+    Output = clamp(clamp(y) * g, 0, 1).
     """
     y = y.clamp(0, 1)
     b, p = y.shape[0], pooling_size
     mu = F.adaptive_avg_pool2d(y, p)  # (B, 3, p, p)
     m = recalled.reshape(b, 3, p, p).to(y.dtype)
     ratio = m / mu.clamp_min(1e-6)
-    a = torch.stack([mu, m]).softmax(dim=0)  # (2, B, 3, p, p)
-    gain = a[0] + a[1] * ratio
+    if strength is None:
+        a = torch.stack([mu, m]).softmax(dim=0)  # (2, B, 3, p, p)
+        gain = a[0] + a[1] * ratio
+    else:
+        gain = 1 + strength * (ratio - 1)
     if pooling_mean:
         gain = gain.mean(dim=1, keepdim=True)
     if p > 1:

@@ -2,9 +2,13 @@
 
 - `enhancer` (default, offline): per-channel mean and std of the frozen enhancer's deepest encoder
   features (`forward_features`), 16 * C values (512 for the published C = 32).
+- `enhancer_levels`: the same statistics of all four encoder levels, each level's part
+  L2-normalised so that every level weighs alike, 30 * C values.
 - `resnet18`: the original release's frozen ImageNet ResNet-18 without its classifier (512-d), on
   the ImageNet-normalised input; its weights come from a local file, never a download.
-An optional learnable `QueryHead` maps either descriptor before it reaches the memory.
+The enhancer descriptors are made from the features of the enhancer pass that produces the
+output (`describe_features`), so the memory costs no second encoder pass.
+An optional learnable `QueryHead` maps any descriptor before it reaches the memory.
 """
 from __future__ import annotations
 
@@ -15,33 +19,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.enhancer import EMNetEnhancer
-from models.inference import pad_to_multiple
+from models.inference import BORDER_MARGIN, pad_for_network
 from utils.errors import UserError
 from utils.local_weights import find_local_weights
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
-QUERY_ENCODERS = ("enhancer", "resnet18")
+ENHANCER_DESCRIPTORS = {"enhancer": 16, "enhancer_levels": 30}  # name -> width in units of C
+QUERY_ENCODERS = (*ENHANCER_DESCRIPTORS, "resnet18")
+
+
+def feature_statistics(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per encoder level, the mean and the std over space of (B, C_l, h, w) features: two lists
+    of (B, C_l) float32 tensors."""
+    flat = [f.float().flatten(2) for f in features]
+    return [f.mean(dim=2) for f in flat], [f.std(dim=2, unbiased=False) for f in flat]
+
+
+def describe(means: list[torch.Tensor], stds: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """The unit-norm descriptor `kind` (B, D) from per-level statistics (`feature_statistics`)."""
+    if kind == "enhancer":
+        return F.normalize(torch.cat([means[-1], stds[-1]], dim=1), dim=1)
+    if kind == "enhancer_levels":
+        parts = [F.normalize(torch.cat([m, s], dim=1), dim=1) for m, s in zip(means, stds)]
+        return F.normalize(torch.cat(parts, dim=1), dim=1)
+    raise ValueError(f"unknown enhancer descriptor {kind!r}; choose one of {list(ENHANCER_DESCRIPTORS)}")
+
+
+def describe_features(features: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """The descriptor `kind` of `forward_features` output (one enhancer pass)."""
+    return describe(*feature_statistics(features), kind)
 
 
 class EnhancerQuery(nn.Module):
-    """Mean and std over space of the enhancer's latent features, L2-normalised."""
-
-    def __init__(self, enhancer: EMNetEnhancer):
-        super().__init__()
-        self.enhancer = enhancer
-        self.dim = 16 * enhancer.config.embed_dim
+    """A descriptor of the frozen enhancer's encoder features (of the input padded as `enhance`
+    pads it), for inputs without a pass of their own (training crops)."""
 
     CHUNK = 16  # images per encoder pass: bounds memory for the training batches of 128 crops
 
+    def __init__(self, enhancer: EMNetEnhancer, kind: str = "enhancer", margin: int = BORDER_MARGIN):
+        super().__init__()
+        self.enhancer, self.kind, self.margin = enhancer, kind, margin
+        self.dim = ENHANCER_DESCRIPTORS[kind] * enhancer.config.embed_dim
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._describe(part) for part in x.split(self.CHUNK)])
+        return torch.cat([self.from_features(self.enhancer.forward_features(pad_for_network(part, self.margin)[0]))
+                          for part in x.split(self.CHUNK)])
 
-    def _describe(self, x: torch.Tensor) -> torch.Tensor:
-        latent = self.enhancer.forward_features(pad_to_multiple(x)[0])[-1]  # (B, 8C, h, w)
-        flat = latent.flatten(2)
-        desc = torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)  # (B, 16C)
-        return F.normalize(desc.float(), dim=1)
+    def from_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The query of an input whose `forward_features` were computed already."""
+        return describe_features(features, self.kind)
 
 
 class ResNet18Query(nn.Module):
@@ -76,10 +103,10 @@ def find_resnet18_weights(path: str | None) -> Path:
 
 def build_query_encoder(name: str, enhancer: EMNetEnhancer | None, weights: str | None) -> nn.Module:
     """The frozen query encoder `name`; `enhancer` is needed for name == 'enhancer'."""
-    if name == "enhancer":
+    if name in ENHANCER_DESCRIPTORS:
         if enhancer is None:
-            raise UserError("--query_encoder enhancer needs the enhancer's --weights")
-        return EnhancerQuery(enhancer)
+            raise UserError(f"--query_encoder {name} needs the enhancer's --weights")
+        return EnhancerQuery(enhancer, name)
     if name == "resnet18":
         path = find_resnet18_weights(weights)
         try:

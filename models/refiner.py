@@ -9,42 +9,77 @@ from torch import nn
 
 from models.enhancer import EMNetEnhancer
 from models.memory import ExternalMemory, refine_with_memory
-from models.query import QueryHead, build_query_encoder
+from models.query import ENHANCER_DESCRIPTORS, EnhancerQuery, QueryHead, build_query_encoder
 from utils.errors import UserError
 
 
 class MemoryRefiner(nn.Module):
-    """Frozen query encoder (+ optional learned head) and the memory; corrects any enhancer's output."""
+    """Frozen query encoder (+ optional learned head) and the memory; corrects any enhancer's output.
+
+    Read settings: `top_k` slots weighted by softmax(score / `temperature`); `strength` None = the
+    release's softmax correction, else the gain strength (`refine_with_memory`).
+    """
 
     def __init__(self, encoder: nn.Module, memory: ExternalMemory, head: QueryHead | None = None,
-                 top_k: int = 1, pooling_mean: bool = False):
+                 top_k: int = 1, pooling_mean: bool = False, temperature: float = 1.0,
+                 strength: float | None = None):
         super().__init__()
         self.encoder, self.memory, self.head = encoder, memory, head
         self.top_k, self.pooling_mean = top_k, pooling_mean
+        self.temperature, self.strength = temperature, strength
 
-    def query(self, low: torch.Tensor) -> torch.Tensor:
-        """Unit-norm queries (B, key_dim) of low-light inputs (B, 3, H, W)."""
-        q = self.encoder(low)
+    def query(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Unit-norm queries (B, key_dim) of low-light inputs (B, 3, H, W). With the enhancer
+        query, `features` (the enhancer pass's `forward_features`) spare a second encoder pass."""
+        if features is not None and isinstance(self.encoder, EnhancerQuery):
+            q = self.encoder.from_features(features)
+        else:
+            q = self.encoder(low)
         return self.head(q) if self.head is not None else q
 
     @torch.no_grad()
-    def forward(self, low: torch.Tensor, enhanced: torch.Tensor) -> torch.Tensor:
+    def forward(self, low: torch.Tensor, enhanced: torch.Tensor,
+                features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The memory-corrected version of `enhanced`, the enhancer output for `low`.
 
         Always in fp32, also under a bf16 autocast: the top-1 recall picks among thousands of close
         cosine scores, and bf16 rounding picks other slots (-2 dB on eval15 when it did).
         """
         with torch.autocast(low.device.type, enabled=False):
-            recalled = self.memory.read(self.query(low.float()), self.top_k)
+            features = [f.float() for f in features] if features is not None else None
+            recalled = self.memory.read(self.query(low.float(), features), self.top_k, self.temperature)
             return refine_with_memory(enhanced.float(), recalled, self.memory.config.pooling_size,
-                                      self.pooling_mean)
+                                      self.pooling_mean, self.strength)
+
+
+def read_settings(ckpt: dict[str, Any], top_k: int | None = None, temperature: float | None = None,
+                  strength: str | None = None, pooling_mean: bool | None = None) -> dict[str, Any]:
+    """How to read a memory: the settings stored in its checkpoint (the release's when none are),
+    overridden by any flag given. `strength` "release" means the softmax correction."""
+    stored = {"top_k": 1, "temperature": 1.0, "strength": None, "pooling_mean": False,
+              **ckpt.get("read", {})}
+    if top_k is not None:
+        stored["top_k"] = top_k
+    if temperature is not None:
+        stored["temperature"] = temperature
+    if strength is not None:
+        try:
+            stored["strength"] = None if strength == "release" else float(strength)
+        except ValueError:
+            raise UserError(f"--strength {strength!r} is neither 'release' nor a number; "
+                            "e.g. --strength release or --strength 0.6") from None
+    if pooling_mean:
+        stored["pooling_mean"] = True
+    return stored
 
 
 def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path,
                   enhancer: EMNetEnhancer | None, query_encoder: str | None, query_weights: str | None,
-                  top_k: int, pooling_mean: bool, pooling_size: int | None = None) -> MemoryRefiner:
-    """The refiner of a loaded memory checkpoint (`utils.checkpoint.load_memory`); mismatches
-    with the flags or the enhancer are a UserError naming the file."""
+                  top_k: int | None = None, pooling_mean: bool = False, pooling_size: int | None = None,
+                  temperature: float | None = None, strength: str | None = None) -> MemoryRefiner:
+    """The refiner of a loaded memory checkpoint (`utils.checkpoint.load_memory`), read as its
+    checkpoint says unless flags say otherwise; mismatches with the flags or the enhancer are a
+    UserError naming the file."""
     name = ckpt["query_encoder"]
     if query_encoder and query_encoder != name:
         raise UserError(f"memory {path} was written with --query_encoder {name}, not {query_encoder}; "
@@ -53,7 +88,7 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
         raise UserError(f"memory {path} stores p = {memory.config.pooling_size} values, but "
                         f"--pooling_size {pooling_size} was asked for; use {memory.config.pooling_size}")
     stored = ckpt.get("enhancer_config")
-    if name == "enhancer" and enhancer is not None and stored and stored != enhancer.config.to_dict():
+    if name in ENHANCER_DESCRIPTORS and enhancer is not None and stored and stored != enhancer.config.to_dict():
         raise UserError(f"memory {path} was filled with queries of another enhancer "
                         f"(embed_dim {stored['embed_dim']}); pass the enhancer it was trained on")
     encoder = build_query_encoder(name, enhancer, query_weights)
@@ -64,7 +99,10 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
     if ckpt.get("head_state_dict"):
         head = QueryHead(encoder.dim)
         head.load_state_dict(ckpt["head_state_dict"])
-    if not 1 <= top_k <= memory.config.mem_size:
-        raise UserError(f"--testing_top_k {top_k} must be between 1 and the mem_size "
+    read = read_settings(ckpt, top_k, temperature, strength, pooling_mean)
+    if not 1 <= read["top_k"] <= memory.config.mem_size:
+        raise UserError(f"--testing_top_k {read['top_k']} must be between 1 and the mem_size "
                         f"{memory.config.mem_size} of memory {path}")
-    return MemoryRefiner(encoder, memory, head, top_k, pooling_mean).eval()
+    if read["temperature"] <= 0:
+        raise UserError(f"--temperature {read['temperature']} must be positive")
+    return MemoryRefiner(encoder, memory, head, **read).eval()

@@ -28,7 +28,7 @@ def test_card_lists_every_bundled_checkpoint():
 def test_bundled_checkpoints_reproduce_card_on_eval15(entry, lol_root):
     model, _ = load_enhancer(REPO / entry["weights"])
     memory, ckpt = load_memory(REPO / entry["mem_weights"])
-    refiner = build_refiner(memory, ckpt, entry["mem_weights"], model, None, None, 1, False, None)
+    refiner = build_refiner(memory, ckpt, entry["mem_weights"], model, None, None)
     pairs = find_pairs(lol_root / "eval15")
     assert len(pairs) == 15
     rows = evaluate_pairs(model, pairs, torch.device("cpu"), refiner=refiner, progress=False)

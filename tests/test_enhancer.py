@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import random_enhancer
 from models.enhancer import (ARCH_PRESETS, MDTA, ChannelLayerNorm, EMNetEnhancer, EnhancerConfig,
                              make_config)
-from models.inference import MULTIPLE, enhance, pad_to_multiple
+from models.inference import BORDER_MARGIN, MULTIPLE, enhance, enhance_with_features, pad_for_network, pad_to_multiple
 from utils.checkpoint import describe_config, infer_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "emnet_enhancer_state_dict_shapes.json"
@@ -72,12 +72,34 @@ def test_enhance_any_size(tiny, hw):
     assert y.min() >= 0 and y.max() <= 1
 
 
-def test_enhance_on_multiple_of_8_is_the_plain_forward(tiny):
-    """No padding happens when none is needed: enhance == clamp(model(x))."""
+def test_enhance_without_margin_on_multiple_of_8_is_the_plain_forward(tiny):
+    """--border_margin 0 (the original code): no padding when none is needed, enhance ==
+    clamp(model(x))."""
     x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = tiny(x).clamp(0, 1)
-    assert torch.equal(enhance(tiny, x), ref)
+    assert torch.equal(enhance(tiny, x, margin=0), ref)
+
+
+@pytest.mark.parametrize("hw", [(16, 24), (21, 30)])
+def test_enhance_margin_is_a_reflected_border_cropped_after(tiny, hw):
+    """The default margin reflects BORDER_MARGIN pixels on every side (then pads to 8) and crops
+    the network output back to the input's pixels."""
+    m = BORDER_MARGIN
+    x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2))
+    padded = F.pad(x, (m, m, m, m), mode="reflect")
+    padded = F.pad(padded, (0, -padded.shape[-1] % 8, 0, -padded.shape[-2] % 8), mode="reflect")
+    with torch.no_grad():
+        ref = tiny(padded)[..., m:m + hw[0], m:m + hw[1]].clamp(0, 1)
+    torch.testing.assert_close(enhance(tiny, x), ref, atol=1e-6, rtol=0)
+    y, features = enhance_with_features(tiny, x)
+    assert torch.equal(y, enhance(tiny, x))
+    assert features[-1].shape[-2:] == (padded.shape[-2] // 8, padded.shape[-1] // 8)
+
+
+def test_pad_for_network_rejects_a_negative_margin():
+    with pytest.raises(ValueError, match="margin"):
+        pad_for_network(torch.zeros(1, 3, 8, 8), -1)
 
 
 def test_enhance_batch_items_are_independent(tiny):

@@ -802,17 +802,18 @@ def test_train_memory_bad_flags(setup, tmp_path, flags, must_contain):
     assert_user_error(run_py("train_memory.py", *args), must_contain)
 
 
-@pytest.mark.parametrize("flags", [("--top_k", "0"), ("--top_k", "33"), ("--mem_size", "0")])
+@pytest.mark.parametrize("flags", [("--testing_top_k", "0"), ("--testing_top_k", "33"), ("--mem_size", "0")])
 def test_train_memory_bad_top_k_or_mem_size(flags):
-    """--top_k outside [1, mem_size] (0 would silently recall zeros, 33 > 32 crash at the first
-    validation) and --mem_size 0 are refused up front (checked in-process: memory_config)."""
-    from train_memory import get_args_parser, memory_config
+    """--testing_top_k outside [1, mem_size] (0 would silently recall zeros, 33 > 32 crash at the
+    first validation) and --mem_size 0 are refused up front (checked in-process: memory_config)."""
+    from train_memory import get_args_parser, memory_config, read_config
 
     args = get_args_parser().parse_args(["--mem_size", "32", *flags])
-    with pytest.raises(UserError, match="--top_k"):
-        memory_config(args, 128)
-    ok = get_args_parser().parse_args(["--mem_size", "32", "--top_k", "32", "--pooling_size", "2"])
-    assert memory_config(ok, 128) == MemoryConfig(mem_size=32, key_dim=128, pooling_size=2, threshold=1e-5)
+    with pytest.raises(UserError, match="--testing_top_k"):
+        memory_config(args, 128, read_config(args)["top_k"])
+    ok = get_args_parser().parse_args(["--mem_size", "32", "--testing_top_k", "32", "--pooling_size", "2"])
+    assert memory_config(ok, 128, read_config(ok)["top_k"]) == MemoryConfig(
+        mem_size=32, key_dim=128, pooling_size=2, threshold=1e-5)
 
 
 @pytest.mark.parametrize("flags,mem_size", [((), 32), (RUN_FLAGS["learned"], 64)], ids=["no_head", "mem_size"])

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dataset.paired_folder import read_pair
 from dataset.pairing import ImagePair, name_key
-from models.inference import enhance
+from models.inference import BORDER_MARGIN, enhance, enhance_with_features
 from utils.errors import UserError
 from utils.image_io import image_to_tensor, is_image_file, read_image, tensor_to_image, to_uint8, write_image
 from utils.report import score
@@ -29,32 +29,37 @@ def _scored(row: dict[str, Any], prefix: str, out8, high) -> None:
 def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: torch.device, *,
                    refiner: nn.Module | None = None, enhanced: dict[str, Path] | None = None,
                    ori_dir: Path | None = None, mem_dir: Path | None = None,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, margin: int = BORDER_MARGIN) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
     `mem_...` with a `refiner`).
 
     `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
+    `margin` is the reflected border margin of `models.inference.enhance`. With a refiner the
+    memory's enhancer query reuses the features of the enhancer pass.
     """
     rows = []
     for pair in tqdm(pairs, desc="enhance", unit="img", disable=not progress, leave=False):
         low, high = read_pair(pair)
         x = image_to_tensor(low).to(device)
+        features = None
         if enhanced is not None:
             other = read_image(enhanced[pair.name])
             if other.shape != low.shape:
                 raise UserError(f"{enhanced[pair.name]} is {other.shape[1]}x{other.shape[0]} but its "
                                 f"input {pair.low} is {low.shape[1]}x{low.shape[0]}; sizes must agree")
             y = image_to_tensor(other).to(device)
+        elif refiner is not None:
+            y, features = enhance_with_features(enhancer, x, margin)
         else:
-            y = enhance(enhancer, x)
+            y = enhance(enhancer, x, margin)
         ori8 = to_uint8(tensor_to_image(y))
         row: dict[str, Any] = {"name": pair.name}
         _scored(row, "ori_", ori8, high)
         if ori_dir is not None:
             write_image(ori_dir / f"{pair.name}.png", ori8)
         if refiner is not None:
-            mem8 = to_uint8(tensor_to_image(refiner(x, y)))
+            mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
             _scored(row, "mem_", mem8, high)
             if mem_dir is not None:
                 write_image(mem_dir / f"{pair.name}.png", mem8)

@@ -48,3 +48,30 @@ def gt_mean_psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     p = pred.astype(np.float64) / 255.0
     scale = (gt.astype(np.float64).mean() / 255.0) / max(p.mean(), 1e-8)
     return psnr(to_uint8(np.clip(p * scale, 0.0, 1.0)), gt)
+
+
+def _frame_mask(shape: tuple[int, ...], width: int) -> np.ndarray:
+    mask = np.zeros(shape[:2], dtype=bool)
+    mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = True, True, True, True
+    return mask
+
+
+def frame_psnr(pred: np.ndarray, gt: np.ndarray, width: int = 3) -> tuple[float, float]:
+    """(PSNR of the outer `width`-pixel frame, PSNR of the interior) of two uint8 RGB images:
+    a border artefact shows as a frame PSNR below the interior's."""
+    _check_pair(pred, gt)
+    err = (pred.astype(np.float64) - gt.astype(np.float64)) ** 2
+    mask = _frame_mask(pred.shape, width)
+    return tuple(math.inf if m == 0 else 10.0 * math.log10(255.0 ** 2 / m)
+                 for m in (err[mask].mean(), err[~mask].mean()))
+
+
+def edge_ratio(img: np.ndarray, edge: int = 0, inner: int = 3, far: int = 7) -> float:
+    """How much the outermost rows and columns differ from their neighbours, relative to how much
+    inner rows do: sum over the four sides of mean |row[edge] - row[inner]| divided by the same
+    sum of mean |row[inner] - row[far]|. Natural photos give about 1; a frame gives more."""
+    x = img.astype(np.float64)
+    sides = [x, x[::-1], x.transpose(1, 0, 2), x.transpose(1, 0, 2)[::-1]]  # top, bottom, left, right
+    num = sum(np.abs(s[edge] - s[inner]).mean() for s in sides)
+    den = sum(np.abs(s[inner] - s[far]).mean() for s in sides)
+    return float(num / max(den, 1e-12))

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from models.enhancer import ARCH_PRESETS
+from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils.errors import UserError
 
@@ -41,12 +42,28 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling_size", type=int, default=None,
                    help="p: values are p x p colour means (training default 1; test: from the memory)")
     p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
-    p.add_argument("--testing_top_k", type=int, default=1, help="slots read per query at test time")
+    p.add_argument("--testing_top_k", type=int, default=None,
+                   help="slots read per query (default: as stored in the memory; the release: 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="top-k reads weigh slots by softmax(score / temperature) (default: as stored "
+                        "in the memory; the release: 1)")
+    p.add_argument("--strength", default=None,
+                   help="correction: 'release' (softmax of the paper, about half-way to the recalled "
+                        "colour) or a gain strength s (gain = 1 + s (m / mu - 1)); default: as stored "
+                        "in the memory")
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
-                   help="enhancer (offline) or resnet18 (the original; needs --query_weights or the "
-                        "torch hub cache); training default enhancer, test default from the memory")
+                   help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
+                        "or resnet18 (the original; needs --query_weights or the torch hub cache); "
+                        "training default enhancer, test default from the memory")
     p.add_argument("--query_weights", default=None,
                    help="torchvision resnet18 state_dict for --query_encoder resnet18")
+
+
+def add_border_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--border_margin", type=int, default=BORDER_MARGIN,
+                   help="reflected margin (pixels per side) around the enhancer's input, cropped "
+                        "after: keeps the convolutions' zero padding out of the picture (no frame); "
+                        "0 = the original code")
 
 
 def add_split_arg(p: argparse.ArgumentParser) -> None:
