@@ -23,7 +23,7 @@ import yaml
 
 import train_enhancer
 from conftest import GLIBC_TUNABLES, REPO, write_png
-from dataset.pairing import is_validation_pair
+from dataset.pairing import find_pairs, is_validation_pair
 from utils.checkpoint import ENHANCER_FORMAT, load_enhancer
 from utils.errors import UserError
 
@@ -179,14 +179,17 @@ def test_smoke_run_on_real_lol_pairs(lol_root, tmp_path):
     """The issue's 'done when' command on 4 real LOL-v1 our485 pairs (600x400): one epoch,
     batch 2, 64x64 crops. The 4 names fall outside the validation split, so the run has no
     validation pairs, which must still succeed (no model_best.pth, a log line saying so)."""
-    names = [p.stem for p in sorted((lol_root / "our485" / "low").glob("*.png"), key=lambda p: p.name)
-             if not is_validation_pair(p.stem, 10.0)][:4]
-    assert len(names) == 4
+    pairs = [p for p in find_pairs(lol_root / "our485") if not is_validation_pair(p.name, 10.0)]
+    by_ext = {ext: [p for p in pairs if p.low.suffix.lower() == ext] for ext in {p.low.suffix.lower() for p in pairs}}
+    chosen = [p for group in by_ext.values() for p in group[:2]][:4]  # every extension present (png, webp)
+    chosen += [p for p in pairs if p not in chosen][:4 - len(chosen)]
+    assert len(chosen) == 4
     train = tmp_path / "our4"
     for side in ("low", "high"):
         (train / side).mkdir(parents=True)
-        for n in names:
-            shutil.copy(lol_root / "our485" / side / f"{n}.png", train / side / f"{n}.png")
+        for pair in chosen:
+            src = getattr(pair, side)
+            shutil.copy(src, train / side / src.name)
     save = tmp_path / "log"
     ok(run_train(train, save, "smoke", "--nepoch", 1, "--batch_size", 2, "--train_ps", 64))
     models = save / "smoke" / "models"
