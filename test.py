@@ -29,7 +29,8 @@ from utils.report import METRICS, format_table, write_report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics")
+    p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), or a flat folder of images")
     p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")

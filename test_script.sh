@@ -10,7 +10,8 @@ INPUT_DIR=${INPUT_DIR:-$DEMO_DIR}                   # LOL-v1: $DATA_ROOT/eval15
 WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}  # bundled; or the published model_lolv1.pth
 MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth}  # empty: ori only
 QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
-TESTING_TOP_K=${TESTING_TOP_K:-1}
+TESTING_TOP_K=${TESTING_TOP_K:-}                    # empty: the read settings stored in the memory
+BORDER_MARGIN=${BORDER_MARGIN:-8}                   # reflected margin against a border frame; 0 = original code
 RESULT_DIR=${RESULT_DIR:-./log_eval/$(basename "$INPUT_DIR")}   # demo -> log_eval/demo, eval15 -> log_eval/eval15
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
 EMBED_DIM=${EMBED_DIM:-}                            # (published files: emnet_enhancer / 32)
@@ -24,9 +25,11 @@ case "$INPUT_DIR" in   # the demo set is created on first use
     [ -d "$INPUT_DIR/low" ] || "$PYTHON" -m dataset.demo --out "$INPUT_DIR" || exit $? ;;
 esac
 
-set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --pictures
+set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --pictures \
+  --border_margin "$BORDER_MARGIN"
 [ -n "$ARCH" ] && set -- "$@" --arch "$ARCH"
 [ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
-[ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS" --testing_top_k "$TESTING_TOP_K"
+[ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS"
+[ -n "$MEM_WEIGHTS" ] && [ -n "$TESTING_TOP_K" ] && set -- "$@" --testing_top_k "$TESTING_TOP_K"
 [ -n "$QUERY_WEIGHTS" ] && set -- "$@" --query_weights "$QUERY_WEIGHTS"
 exec "$PYTHON" test.py "$@"

@@ -33,7 +33,7 @@ from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 from utils.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
-                           add_split_arg, writable_dir)
+                           add_memory_build_args, add_split_arg, writable_dir)
 from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything
@@ -57,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--train_workers", type=int, default=0)
     g = p.add_argument_group("memory")
+    add_memory_build_args(g)
     add_memory_args(g)
     g.add_argument("--K_feat_dim", type=int, default=None, help="key width (default: the query's)")
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")

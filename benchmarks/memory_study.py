@@ -27,8 +27,9 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -77,6 +78,7 @@ VARIANTS = [
     Variant("images, levels, k=1, softmax", query="enhancer_levels"),
     Variant("images, levels, k=8, T=0.01, softmax", query="enhancer_levels", top_k=8, temperature=0.01),
     Variant("images, k=8, T=0.01, p=2 mean, softmax", top_k=8, temperature=0.01, pooling_size=2, pooling_mean=True),
+    Variant("images, k=1, calibrated", strength="auto"),
     Variant("images, k=8, T=0.01, calibrated", top_k=8, temperature=0.01, strength="auto"),
     Variant("images, levels, k=8, T=0.01, calibrated", query="enhancer_levels", top_k=8, temperature=0.01,
             strength="auto"),
@@ -105,12 +107,15 @@ def crop_samples(fp: FrozenPass, crop: int, p: int, margin: int, rng: np.random.
     ly, lx = (y0 + margin) // s, (x0 + margin) // s
     window = fp.latent[:, ly:ly + crop // s, lx:lx + crop // s].float().flatten(1)
     query = F.normalize(torch.cat([window.mean(1), window.std(1, unbiased=False)]), dim=0)
-    value = pooled(high_tensor(fp)[..., y0:y0 + crop, x0:x0 + crop], p)[0]
+    patch = torch.from_numpy(fp.high[y0:y0 + crop, x0:x0 + crop]).permute(2, 0, 1)[None].float() / 255
+    value = pooled(patch, p)[0]
     return query, value
 
 
-def fill(variant: Variant, passes: list[FrozenPass], margin: int, seed: int) -> ExternalMemory:
-    """A memory written from `passes` (sample index = position in the list) with the update rule."""
+def fill(variant: Variant, passes: list[FrozenPass], margin: int, seed: int,
+         after_epoch: Callable[[int, ExternalMemory], None] | None = None) -> ExternalMemory:
+    """A memory written from `passes` (sample index = position in the list) with the update rule;
+    `after_epoch(epoch, memory)` is called after each pass over them."""
     p = variant.pooling_size
     if variant.entries == "images":
         queries = describe_passes(passes, variant.query)
@@ -130,10 +135,12 @@ def fill(variant: Variant, passes: list[FrozenPass], margin: int, seed: int) -> 
         raise ValueError(f"unknown entries {variant.entries!r}")
     config = MemoryConfig(key_dim=epochs[0][0].shape[1], pooling_size=p)
     memory = ExternalMemory(config, torch.Generator().manual_seed(seed))
-    for queries, values, index in epochs:
+    for epoch, (queries, values, index) in enumerate(epochs, 1):
         for part in range(0, len(index), 128):  # the release's batch of 128
             sl = slice(part, part + 128)
             memory.update(queries[sl], values[sl], index[sl])
+        if after_epoch is not None:
+            after_epoch(epoch, memory)
     return memory
 
 
@@ -201,14 +208,16 @@ def protocol_inflation(variant: Variant, passes: list[FrozenPass], test: list[Fr
                        seed: int) -> dict:
     """Analysis, not a result: the test-set gain after each of the variant's memory epochs (filled
     from all training passes), and the best of them, which the original release would report."""
+    queries = describe_passes(test, variant.query)
+    ori = [scores(fp, None, variant, None, False)[0] for fp in test]
     gains = []
-    for e in range(1, variant.epochs + 1):
-        memory = fill(replace(variant, epochs=e), passes, margin, seed)
-        queries = describe_passes(test, variant.query)
+
+    def score_epoch(epoch: int, memory: ExternalMemory) -> None:
         recalled = memory.read(queries, variant.top_k, variant.temperature)
-        gains.append(float(np.mean([scores(fp, r, variant, variant.strength, False)[0]
-                                    - scores(fp, None, variant, None, False)[0]
-                                    for fp, r in zip(test, recalled)])))
+        gains.append(float(np.mean([scores(fp, r, variant, variant.strength, False)[0] - o
+                                    for fp, r, o in zip(test, recalled, ori)])))
+
+    fill(variant, passes, margin, seed, score_epoch)
     return {"variant": variant.name, "epochs": variant.epochs, "test_gain_per_epoch": gains,
             "best_of_epochs": max(gains), "best_epoch": int(np.argmax(gains)) + 1,
             "last_epoch": gains[-1], "mean_over_epochs": float(np.mean(gains))}
@@ -274,6 +283,7 @@ def main(args: argparse.Namespace) -> None:
     report = {"train_dir": str(args.train_dir), "weights": str(args.weights), "pairs": len(passes),
               "folds": args.folds, "seed": args.seed, "border_margin": args.border_margin,
               "ori_psnr_mean": float(ori_scores[:, 0].mean()), "bootstrap": "10000 resamples of images, seed 0",
+              "names": [fp.name for fp in passes], "folds_of_names": folds.tolist(),
               "rows": rows}
     if test is not None:
         report["protocol_inflation"] = protocol_inflation(VARIANTS[0], passes, test, args.border_margin, args.seed)

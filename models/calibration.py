@@ -12,8 +12,6 @@ import numpy as np
 import torch
 
 from models.memory import ExternalMemory, refine_with_memory
-from utils.image_io import tensor_to_image, to_uint8
-from utils.metrics import psnr
 
 STRENGTHS = tuple(round(0.1 * i, 1) for i in range(13))  # 0.0 .. 1.2
 
@@ -26,9 +24,16 @@ def calibrate_strength(memory: ExternalMemory, queries: torch.Tensor, ori: list[
     outputs (3, H, W) in [0, 1], `high` the uint8 (H, W, 3) targets."""
     recalled = memory.read(queries, top_k, temperature, exclude=torch.arange(len(ori), device=queries.device))
     p = memory.config.pooling_size
-    curve = {}
-    for s in STRENGTHS:
-        curve[s] = float(np.mean([
-            psnr(to_uint8(tensor_to_image(refine_with_memory(y[None].float(), r[None].cpu(), p, pooling_mean, s))), h)
-            for y, r, h in zip(ori, recalled, high)]))
+    per_image = torch.stack([_psnr_per_strength(y.float(), r.cpu(), h, p, pooling_mean)
+                             for y, r, h in zip(ori, recalled, high)])  # (N, strengths)
+    curve = dict(zip(STRENGTHS, per_image.mean(dim=0).tolist()))
     return max(curve, key=lambda s: (curve[s], -s)), curve
+
+
+def _psnr_per_strength(y: torch.Tensor, recalled: torch.Tensor, high: np.ndarray, p: int,
+                       pooling_mean: bool) -> torch.Tensor:
+    """PSNR (the project's convention: rounded 8-bit RGB) of y corrected at every grid strength."""
+    target = torch.from_numpy(high).permute(2, 0, 1).double()
+    out = torch.cat([refine_with_memory(y[None], recalled[None], p, pooling_mean, s) for s in STRENGTHS])
+    mse = ((out * 255).round().double() - target).square().mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-12))

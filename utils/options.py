@@ -32,13 +32,18 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where to run: auto takes CUDA, then Apple MPS, then the CPU")
 
 
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """The external memory's flags, with the original release's names and published defaults."""
+def add_memory_build_args(p: argparse.ArgumentParser) -> None:
+    """Flags that shape a new memory (train_memory.py only: test.py takes them from the file)."""
     p.add_argument("--arch_memory", default="external_memory", choices=["external_memory"],
                    help="memory module (one kind, kept for the original scripts)")
     p.add_argument("--mem_size", type=int, default=9000, help="number of memory slots")
     p.add_argument("--V_feat_dim", type=int, default=None,
                    help="value width 3 * p * p (default: from --pooling_size)")
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """How a memory is queried and read, with the original release's names; test.py defaults to
+    what the memory file stores."""
     p.add_argument("--pooling_size", type=int, default=None,
                    help="p: values are p x p colour means (training default 1; test: from the memory)")
     p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
@@ -49,8 +54,9 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                         "in the memory; the release: 1)")
     p.add_argument("--strength", default=None,
                    help="correction: 'release' (softmax of the paper, about half-way to the recalled "
-                        "colour) or a gain strength s (gain = 1 + s (m / mu - 1)); default: as stored "
-                        "in the memory")
+                        "colour), a gain strength s (gain = 1 + s (m / mu - 1)) or, in "
+                        "train_memory.py, 'auto' (s calibrated on the training pairs); test.py "
+                        "default: as stored in the memory")
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
                    help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
                         "or resnet18 (the original; needs --query_weights or the torch hub cache); "
