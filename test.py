@@ -18,11 +18,11 @@ import torch
 from dataset.pairing import find_pairs
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import build_refiner
-from utils.checkpoint import describe_config, load_enhancer, load_memory
+from models.loading import describe_config, load_enhancer, load_memory
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
-from utils.evaluate import evaluate_pairs, match_enhanced
-from utils.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
+from models.evaluate import evaluate_pairs, match_enhanced
+from models.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
                            writable_dir)
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report

@@ -26,15 +26,15 @@ from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.inference import enhance
-from utils.checkpoint import (ENHANCER_FORMAT, check_state_dict, describe_config, load_checkpoint_file,
-                              load_enhancer, remove_stale_temp_files, save_checkpoint)
+from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
+from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.evaluate import evaluate_pairs
+from models.evaluate import evaluate_pairs
 from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
-from utils.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
+from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.report import mean_scores
 from utils.run_log import RunLog
 from utils.schedule import warmup_cosine

@@ -36,10 +36,10 @@ from dataset.pairing import ImagePair, find_pairs  # noqa: E402
 from models import baselines  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
+from models.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image  # noqa: E402
 from utils.metrics import METRIC_CONVENTION  # noqa: E402
-from utils.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
+from models.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
 from utils.report import METRICS, atomic_write_text, mean_scores  # noqa: E402
 
 METHODS = ("input", "gamma", "clahe", "lime", "zerodce")

@@ -44,12 +44,12 @@ from models.calibration import calibrate_strength  # noqa: E402
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes  # noqa: E402
 from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
-from utils.checkpoint import load_enhancer  # noqa: E402
+from models.loading import load_enhancer  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image_io import tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import psnr, ssim  # noqa: E402
-from utils.options import BUNDLED_ENHANCER  # noqa: E402
+from models.options import BUNDLED_ENHANCER  # noqa: E402
 from utils.report import atomic_write_text  # noqa: E402
 from utils.stats import bootstrap_ci  # noqa: E402
 

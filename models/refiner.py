@@ -77,7 +77,7 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
                   enhancer: EMNetEnhancer | None, query_encoder: str | None, query_weights: str | None,
                   top_k: int | None = None, pooling_mean: bool = False, pooling_size: int | None = None,
                   temperature: float | None = None, strength: str | None = None) -> MemoryRefiner:
-    """The refiner of a loaded memory checkpoint (`utils.checkpoint.load_memory`), read as its
+    """The refiner of a loaded memory checkpoint (`models.loading.load_memory`), read as its
     checkpoint says unless flags say otherwise; mismatches with the flags or the enhancer are a
     UserError naming the file."""
     name = ckpt["query_encoder"]

@@ -17,7 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
-from utils.checkpoint import ENHANCER_FORMAT, save_checkpoint  # noqa: E402
+from models.loading import ENHANCER_FORMAT  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
 
 # Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"

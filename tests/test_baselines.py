@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import run_repo
 from models import baselines
 from models.baselines import LimeParams, ZeroDCE
-from utils.checkpoint import memory_payload, save_checkpoint
+from models.loading import memory_payload
+from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.image_io import read_image, to_uint8
 from utils.metrics import psnr

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.enhancer import EMNetEnhancer, make_config
-from utils.checkpoint import (ENHANCER_FORMAT, load_checkpoint_file, load_enhancer, save_checkpoint,
-                              strip_module_prefix)
+from models.loading import ENHANCER_FORMAT, load_enhancer, strip_module_prefix
+from utils.checkpoint import load_checkpoint_file, save_checkpoint
 from utils.errors import UserError
 
 

@@ -13,7 +13,7 @@ from conftest import random_enhancer
 from models.enhancer import (ARCH_PRESETS, MDTA, ChannelLayerNorm, EMNetEnhancer, EnhancerConfig,
                              make_config)
 from models.inference import BORDER_MARGIN, MULTIPLE, enhance, enhance_with_features, pad_for_network, pad_to_multiple
-from utils.checkpoint import describe_config, infer_config
+from models.loading import describe_config, infer_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "emnet_enhancer_state_dict_shapes.json"
 PUBLISHED_PARAMS = 12_544_484

@@ -26,7 +26,8 @@ from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_wit
 from models.query import (RESNET18_FILE, EnhancerQuery, QueryHead, ResNet18Query, build_query_encoder,
                           threshold_triplet_loss)
 from models.refiner import build_refiner
-from utils.checkpoint import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload, save_checkpoint
+from models.loading import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload
+from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 

@@ -18,7 +18,8 @@ from conftest import random_enhancer, write_png
 from dataset.pairing import find_pairs
 from models.memory import ExternalMemory, MemoryConfig
 from test_test_cli import run_test_py
-from utils.checkpoint import memory_payload, save_checkpoint
+from models.loading import memory_payload
+from utils.checkpoint import save_checkpoint
 from utils.image_io import read_image, to_uint8
 from utils.metrics import psnr
 from utils.pictures import labelled_panel, strip_panels, write_index, write_strips

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import run_repo, write_png
-from utils.checkpoint import load_enhancer
+from models.loading import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 from utils.metrics import METRIC_CONVENTION, psnr, ssim
 from models.inference import enhance

@@ -24,7 +24,7 @@ import yaml
 import train_enhancer
 from conftest import GLIBC_TUNABLES, REPO, write_png
 from dataset.pairing import find_pairs, is_validation_pair
-from utils.checkpoint import ENHANCER_FORMAT, load_enhancer
+from models.loading import ENHANCER_FORMAT, load_enhancer
 from utils.errors import UserError
 
 FAST = ["--arch", "emnet_tiny", "--embed_dim", "8", "--train_workers", "0", "--lpips_lambda", "0",

@@ -11,13 +11,12 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 from urllib.parse import quote
 
 import cv2
 import numpy as np
 
-from dataset.pairing import ImagePair
 from utils.errors import UserError
 from utils.image_io import read_image, to_uint8, write_image
 from utils.metrics import psnr
@@ -27,6 +26,14 @@ STAGE_TITLES = {"ori": "ori (enhancer)", "mem": "mem (memory)"}
 BAND_COLOR = (24, 24, 24)  # RGB of the label band
 TEXT_COLOR = (255, 255, 255)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+class ImagePair(Protocol):
+    """What the pictures need of a pair (`dataset.pairing.ImagePair` has it)."""
+
+    name: str
+    low: Path
+    high: Path | None
 
 
 def _read8(path: Path) -> np.ndarray:
