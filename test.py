@@ -16,14 +16,20 @@ import time
 import torch
 
 from dataset.pairing import find_pairs
+from models.evaluate import evaluate_pairs, match_enhanced
+from models.loading import describe_config, load_enhancer, load_memory
+from models.options import (
+    BUNDLED_ENHANCER,
+    add_border_arg,
+    add_device_arg,
+    add_enhancer_args,
+    add_memory_args,
+    writable_dir,
+)
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import build_refiner
-from models.loading import describe_config, load_enhancer, load_memory
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
-from models.evaluate import evaluate_pairs, match_enhanced
-from models.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
-                           writable_dir)
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
 

@@ -25,16 +25,16 @@ from tqdm import tqdm
 from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
+from models.evaluate import evaluate_pairs
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
+from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from models.evaluate import evaluate_pairs
 from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
-from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.report import mean_scores
 from utils.run_log import RunLog
 from utils.schedule import warmup_cosine

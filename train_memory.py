@@ -25,16 +25,24 @@ from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, training_split
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
+from models.loading import load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
+from models.options import (
+    BUNDLED_ENHANCER,
+    add_border_arg,
+    add_device_arg,
+    add_enhancer_args,
+    add_memory_args,
+    add_memory_build_args,
+    add_split_arg,
+    writable_dir,
+)
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
 from models.refiner import read_settings
-from models.loading import load_enhancer, load_memory, memory_payload
 from utils.checkpoint import remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
-from models.options import (BUNDLED_ENHANCER, add_border_arg, add_device_arg, add_enhancer_args, add_memory_args,
-                           add_memory_build_args, add_split_arg, writable_dir)
 from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything

@@ -34,13 +34,14 @@ sys.path.insert(0, str(REPO))
 from dataset.paired_folder import read_pair  # noqa: E402
 from dataset.pairing import ImagePair, find_pairs  # noqa: E402
 from models import baselines  # noqa: E402
+from models.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
+from models.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
+from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from models.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image  # noqa: E402
 from utils.metrics import METRIC_CONVENTION  # noqa: E402
-from models.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
-from utils.report import METRICS, atomic_write_text, mean_scores  # noqa: E402
+from utils.report import METRICS, mean_scores  # noqa: E402
 
 METHODS = ("input", "gamma", "clahe", "lime", "zerodce")
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"

@@ -25,12 +25,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from reference_enhancer import ReferenceEnhancer  # noqa: E402
+
 from models import cpu_kernels  # noqa: E402
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
 from models.query import EnhancerQuery  # noqa: E402
 from models.refiner import MemoryRefiner  # noqa: E402
-from reference_enhancer import ReferenceEnhancer  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"

@@ -43,15 +43,16 @@ from dataset.pairing import find_pairs  # noqa: E402
 from models.calibration import calibrate_strength  # noqa: E402
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes  # noqa: E402
 from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
-from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
+from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
+from models.options import BUNDLED_ENHANCER  # noqa: E402
+from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image_io import tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import psnr, ssim  # noqa: E402
-from models.options import BUNDLED_ENHANCER  # noqa: E402
-from utils.report import atomic_write_text  # noqa: E402
 from utils.stats import bootstrap_ci  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 from skimage import data as skdata
 
+from utils.atomic import atomic_write_text
 from utils.errors import UserError, run_cli
 from utils.image_io import write_image
-from utils.report import atomic_write_text
 
 DEFAULT_OUT = Path("datasets/demo")
 

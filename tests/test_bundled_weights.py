@@ -9,9 +9,9 @@ import torch
 
 from conftest import REPO
 from dataset.pairing import find_pairs
-from models.refiner import build_refiner
-from models.loading import load_enhancer, load_memory
 from models.evaluate import evaluate_pairs
+from models.loading import load_enhancer, load_memory
+from models.refiner import build_refiner
 from utils.report import mean_scores
 
 CARD = REPO / "pre_trained_logs" / "model_card.json"

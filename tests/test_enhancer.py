@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_enhancer
-from models.enhancer import (ARCH_PRESETS, MDTA, ChannelLayerNorm, EMNetEnhancer, EnhancerConfig,
-                             make_config)
+from models.enhancer import ARCH_PRESETS, MDTA, ChannelLayerNorm, EMNetEnhancer, EnhancerConfig, make_config
 from models.inference import BORDER_MARGIN, MULTIPLE, enhance, enhance_with_features, pad_for_network, pad_to_multiple
 from models.loading import describe_config, infer_config
 

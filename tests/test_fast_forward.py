@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_enhancer import ReferenceEnhancer
 
 from conftest import random_enhancer
 from models import cpu_kernels, streaming
 from models.enhancer import GDFN, EMNetEnhancer
-from reference_enhancer import ReferenceEnhancer
 
 TOL = 1e-4  # max abs difference allowed in fp32 (the bound)
 

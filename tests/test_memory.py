@@ -17,16 +17,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from test_test_cli import assert_user_error, read_csv
 
 from conftest import random_enhancer, run_repo, write_png
-from test_test_cli import assert_user_error, read_csv
 from models.enhancer import EMNetEnhancer, make_config
 from models.inference import enhance
-from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
-from models.query import (RESNET18_FILE, EnhancerQuery, QueryHead, ResNet18Query, build_query_encoder,
-                          threshold_triplet_loss)
-from models.refiner import build_refiner
 from models.loading import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload
+from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
+from models.query import (
+    RESNET18_FILE,
+    EnhancerQuery,
+    QueryHead,
+    ResNet18Query,
+    build_query_encoder,
+    threshold_triplet_loss,
+)
+from models.refiner import build_refiner
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8

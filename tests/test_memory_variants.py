@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
 from models.calibration import calibrate_strength
-from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
 from models.loading import ENHANCER_FORMAT, load_memory
+from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
 from utils.checkpoint import save_checkpoint
 from utils.stats import bootstrap_ci
 

@@ -298,8 +298,8 @@ def test_paired_crops_needs_pairs_and_ground_truth(make_pairs):
 
 def _all_dihedral_windows(img: torch.Tensor, size: int) -> list[torch.Tensor]:
     h, w = img.shape[-2:]
-    return [dihedral(img[:, t:t + size, l:l + size], m)
-            for t in range(h - size + 1) for l in range(w - size + 1) for m in range(8)]
+    return [dihedral(img[:, t:t + size, c:c + size], m)
+            for t in range(h - size + 1) for c in range(w - size + 1) for m in range(8)]
 
 
 def test_paired_crops_shape_and_alignment(make_pairs):

@@ -13,12 +13,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_test_cli import run_test_py
 
 from conftest import random_enhancer, write_png
 from dataset.pairing import find_pairs
-from models.memory import ExternalMemory, MemoryConfig
-from test_test_cli import run_test_py
 from models.loading import memory_payload
+from models.memory import ExternalMemory, MemoryConfig
 from utils.checkpoint import save_checkpoint
 from utils.image_io import read_image, to_uint8
 from utils.metrics import psnr

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import run_repo, write_png
+from models.inference import enhance
 from models.loading import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 from utils.metrics import METRIC_CONVENTION, psnr, ssim
-from models.inference import enhance
 
 EVAL_NAMES = ("1", "111")
 METRIC_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr"]

@@ -4,34 +4,18 @@ Which model a checkpoint holds and how it is built is `models/loading.py`'s busi
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils.atomic import atomic_write
 from utils.errors import UserError
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
-
-    A process killed at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`torch.save` through the atomic writer: never half a checkpoint, even after `kill -9`."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def remove_stale_temp_files(folder: Path) -> None:

@@ -5,13 +5,13 @@ dropped, 8- and 16-bit files are scaled by their own maximum.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from utils.atomic import atomic_write
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -59,9 +59,7 @@ def write_image(path: str | Path, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(arr[:, :, ::-1]))
     if not ok:
         raise UserError(f"cannot encode image {path}; use a .png, .jpg or .bmp name")
-    tmp = path.with_name(f".{path.name}.tmp")
-    buf.tofile(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, buf.tobytes())
 
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:

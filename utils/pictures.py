@@ -17,10 +17,10 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
+from utils.atomic import atomic_write_text
 from utils.errors import UserError
 from utils.image_io import read_image, to_uint8, write_image
 from utils.metrics import psnr
-from utils.report import atomic_write_text
 
 STAGE_TITLES = {"ori": "ori (enhancer)", "mem": "mem (memory)"}
 BAND_COLOR = (24, 24, 24)  # RGB of the label band

@@ -5,12 +5,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from utils.atomic import atomic_write_text
 from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
 
 METRICS = ("psnr", "ssim", "gt_mean_psnr")
@@ -25,14 +25,6 @@ def mean_scores(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, flo
     """Mean of each numeric column over the rows that have it."""
     return {c: float(np.mean([r[c] for r in rows if r.get(c) is not None]))
             for c in columns if any(r.get(c) is not None for r in rows)}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, then rename: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:
