@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
     meta.update(border_margin=args.border_margin, device=str(device), amp=args.amp, seconds=round(seconds, 2))
     summary = write_report(result_dir, rows, columns, meta)
     if columns:
-        print(format_table(rows, columns, summary["mean"]))
+        print(format_table(rows, columns, summary["mean"], summary["ci95"]))
     print(f"{len(rows)} images in {seconds:.1f} s on {device}; results in {result_dir}")
     if args.pictures:
         page = write_pictures(result_dir, pairs, rows, columns, summary, stages)

@@ -122,3 +122,20 @@ def test_mean_scores_skips_missing():
     """Means use only the rows that have the column."""
     rows = [{"a": 1.0}, {"a": 3.0, "b": 2.0}, {"a": None}]
     assert mean_scores(rows, ["a", "b", "c"]) == {"a": 2.0, "b": 2.0}
+
+
+def test_report_intervals_cover_means_and_pair_mem_with_ori():
+    """ci95: an interval per mean column that holds the mean, and the paired mem - ori interval,
+    which is narrow when mem beats ori by a steady margin although both vary a lot."""
+    from utils.report import intervals, mean_scores
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(20, 3, 15)
+    rows = [{"name": str(i), "ori_psnr": b, "mem_psnr": b + 0.5 + rng.normal(0, 0.05)} for i, b in enumerate(base)]
+    cols = ["ori_psnr", "mem_psnr"]
+    means, ci = mean_scores(rows, cols), intervals(rows, cols)
+    for c in cols:
+        assert ci[c][0] < means[c] < ci[c][1] and ci[c][1] - ci[c][0] > 1
+    lo, hi = ci["mem_minus_ori_psnr"]
+    assert 0.4 < lo < 0.5 < hi < 0.6
+    assert "mem_minus_ori_ssim" not in ci

@@ -139,6 +139,10 @@ def test_main_run_summary(main_run):
     assert summary["model"] == "--arch emnet_tiny --embed_dim 8"
     assert summary["checkpoint_epoch"] == 5
     assert set(summary["mean"]) == set(METRIC_COLUMNS)
+    assert set(summary["ci95"]) == set(METRIC_COLUMNS) and "bootstrap" in summary["ci95_method"]
+    for c in METRIC_COLUMNS:
+        lo, hi = summary["ci95"][c]
+        assert lo <= summary["mean"][c] <= hi
     for c in METRIC_COLUMNS:
         assert summary["mean"][c] == pytest.approx(np.mean([float(r[c]) for r in rows]), rel=1e-9)
     text = (main_run["result"] / "result.txt").read_text()

@@ -12,8 +12,11 @@ import numpy as np
 
 from utils.atomic import atomic_write_text
 from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
+from utils.stats import RESAMPLES, bootstrap_ci
 
 METRICS = ("psnr", "ssim", "gt_mean_psnr")
+CI_METHOD = (f"percentile bootstrap over images, {RESAMPLES} resamples, seed 0; mem_minus_ori_* pair "
+             "each image's mem and ori scores")
 
 
 def score(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
@@ -27,35 +30,68 @@ def mean_scores(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, flo
             for c in columns if any(r.get(c) is not None for r in rows)}
 
 
+def intervals(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list[float]]:
+    """95% bootstrap intervals (`utils.stats.bootstrap_ci`) of every mean column and, where both
+    stages were scored, of the paired mem - ori differences `mem_minus_ori_psnr` / `_ssim`."""
+    out = {}
+    for c in columns:
+        values = [r[c] for r in rows if r.get(c) is not None]
+        if values:
+            out[c] = list(bootstrap_ci(values)[1:])
+    for metric in ("psnr", "ssim"):
+        pairs = [(r[f"mem_{metric}"], r[f"ori_{metric}"]) for r in rows
+                 if r.get(f"mem_{metric}") is not None and r.get(f"ori_{metric}") is not None]
+        if pairs:
+            mean, lo, hi = bootstrap_ci([m - o for m, o in pairs])
+            out[f"mem_minus_ori_{metric}"] = [lo, hi]
+    return out
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not math.isinf(v) else str(v)
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str, float]) -> str:
-    """A fixed-width text table of the rows and their mean."""
+def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str, float],
+                 ci95: dict[str, list[float]] | None = None) -> str:
+    """A fixed-width text table of the rows, their mean and (given `ci95`) the 95% intervals."""
     width = max([len(str(r["name"])) for r in rows] + [7])
     lines = [f"{'image':<{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
     for r in rows:
         lines.append(f"{r['name']:<{width}}  " + "  ".join(f"{_fmt(r.get(c, '')):>14}" for c in columns))
     lines.append(f"{'mean':<{width}}  " + "  ".join(f"{_fmt(means.get(c, '')):>14}" for c in columns))
+    if ci95:
+        digits = {c: 4 if "ssim" in c else 2 for c in columns}
+        cells = [f"{ci95[c][0]:.{digits[c]}f}..{ci95[c][1]:.{digits[c]}f}" if c in ci95 else "" for c in columns]
+        lines.append(f"{'95% CI':<{width}}  " + "  ".join(f"{cell:>14}" for cell in cells))
+        for metric in ("psnr", "ssim"):
+            key = f"mem_minus_ori_{metric}"
+            if key in ci95:
+                diff = means[f"mem_{metric}"] - means[f"ori_{metric}"]
+                lines.append(f"mem - ori {metric.upper()}: {diff:+.4f}, 95% CI [{ci95[key][0]:+.4f}, {ci95[key][1]:+.4f}]")
     return "\n".join(lines)
 
 
 def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str],
                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Write metrics.csv (a row per image), summary.json and result.txt (means); return the summary.
+    """Write metrics.csv (a row per image), summary.json and result.txt (means with their 95%
+    bootstrap intervals, `ci95`); return the summary.
 
     Every file is written to a temporary name and renamed, so earlier results are replaced whole.
     """
     means = mean_scores(rows, columns)
+    ci95 = intervals(rows, columns)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["name", *columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(result_dir / "metrics.csv", buf.getvalue())
-    summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, **meta}
+    summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, "ci95": ci95,
+               "ci95_method": CI_METHOD, **meta}
     atomic_write_text(result_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
-                      f"images: {len(rows)}"] + [f"mean {c}: {_fmt(v)}" for c, v in means.items()])
+                      f"images: {len(rows)}", f"intervals: {CI_METHOD}"] +
+                     [f"mean {c}: {_fmt(v)}" + (f" (95% CI {ci95[c][0]:.4f} .. {ci95[c][1]:.4f})" if c in ci95 else "")
+                      for c, v in means.items()] +
+                     [f"{k}: 95% CI {v[0]:+.4f} .. {v[1]:+.4f}" for k, v in ci95.items() if k.startswith("mem_minus")])
     atomic_write_text(result_dir / "result.txt", text + "\n")
     return summary
