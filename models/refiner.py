@@ -38,18 +38,26 @@ class MemoryRefiner(nn.Module):
         return self.head(q) if self.head is not None else q
 
     @torch.no_grad()
-    def forward(self, low: torch.Tensor, enhanced: torch.Tensor,
-                features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The memory-corrected version of `enhanced`, the enhancer output for `low`.
+    def recall(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The colour values (B, 3 p p) the memory recalls for low-light inputs (B, 3, H, W).
 
-        Always in fp32, also under a bf16 autocast: the top-1 recall picks among thousands of close
+        Always in fp32, also under a bf16 autocast: the top-k read picks among thousands of close
         cosine scores, and bf16 rounding picks other slots (-2 dB on eval15 when it did).
         """
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
-            recalled = self.memory.read(self.query(low.float(), features), self.top_k, self.temperature)
-            return refine_with_memory(enhanced.float(), recalled, self.memory.config.pooling_size,
-                                      self.pooling_mean, self.strength)
+            return self.memory.read(self.query(low.float(), features), self.top_k, self.temperature)
+
+    @torch.no_grad()
+    def correct(self, enhanced: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
+        """`enhanced` (B, 3, H, W) corrected towards the `recalled` colour, as this memory reads."""
+        return refine_with_memory(enhanced.float(), recalled, self.memory.config.pooling_size,
+                                  self.pooling_mean, self.strength)
+
+    def forward(self, low: torch.Tensor, enhanced: torch.Tensor,
+                features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The memory-corrected version of `enhanced`, the enhancer output for `low`."""
+        return self.correct(enhanced, self.recall(low, features))
 
 
 def read_settings(ckpt: dict[str, Any], top_k: int | None = None, temperature: float | None = None,
