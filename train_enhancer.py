@@ -26,6 +26,7 @@ from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.evaluate import evaluate_pairs
+from models.fast import FastForward
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
 from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
@@ -224,8 +225,9 @@ def main(args: argparse.Namespace) -> None:
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
 
-    ddp = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-           if info.enabled else model)
+    net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
+    ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+           if info.enabled else net)
     forward = torch.compile(ddp) if args.compile else ddp
 
     bad_steps, stop = 0, False

@@ -1,7 +1,7 @@
 """Inference speed per preset: median latency per image, images/s, peak memory and achieved
-GFLOP/s against this machine's measured matrix-product peak, for our forward and for the
-straightforward formulation of the original code (tests/reference_enhancer.py), and the cost of
-the external memory (query + read + correction) at mem_size 9000.
+GFLOP/s against this machine's measured matrix-product peak, for the fast path (models/fast/) and
+for the plain network of models/enhancer.py (the original code's formulation, "reference"), and the
+cost of the external memory (query + read + correction) at mem_size 9000.
 
     python benchmarks/bench_inference.py                         # CPU, 600x400, all presets
     python benchmarks/bench_inference.py --device cuda --variants fast,bf16,compiled,reference
@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-from reference_enhancer import ReferenceEnhancer  # noqa: E402
-
-from models import cpu_kernels  # noqa: E402
+from models import fast  # noqa: E402
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
 from models.query import EnhancerQuery  # noqa: E402
@@ -35,8 +33,9 @@ from models.refiner import MemoryRefiner  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"
-# fast: our forward as shipped. torch_ops: the same forward with EMNET_CPU_KERNELS=0, i.e. without
-# the C kernels and oneDNN products of models/cpu_kernels.py. bf16: autocast, GPUs only by default.
+# fast: the fast path as shipped. torch_ops: the same with EMNET_CPU_KERNELS=0, i.e. without the C
+# kernels and oneDNN products of models/fast/kernels.py. reference: the plain network's forward.
+# bf16: autocast, GPUs only by default.
 VARIANTS = ("fast", "torch_ops", "reference", "compiled", "bf16")
 
 
@@ -64,24 +63,23 @@ def matmul_peak(device: torch.device, n: int = 2048) -> float:
 
 
 def count_gflop(config, height: int, width: int) -> float:
-    """GFLOP (2 per multiply-add) of one forward, counted on the reference formulation."""
+    """GFLOP (2 per multiply-add) of one forward, counted on the plain network."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = ReferenceEnhancer(config)
+    model = EMNetEnhancer(config)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.rand(1, 3, height, width))
     return counter.get_total_flops() / 1e9
 
 
 def build(variant: str, arch: str, dim: int, device: torch.device) -> torch.nn.Module:
+    """The plain network for "reference", else the fast path around it (compiled for "compiled")."""
     torch.manual_seed(0)
-    model = EMNetEnhancer(make_config(arch, dim)).eval()
+    model = EMNetEnhancer(make_config(arch, dim)).eval().to(device)
     if variant == "reference":
-        ref = ReferenceEnhancer(model.config).eval()
-        ref.load_state_dict(model.state_dict())
-        model = ref
-    model = model.to(device)
-    return torch.compile(model) if variant == "compiled" else model
+        return model
+    net = fast.FastForward(model)
+    return torch.compile(net) if variant == "compiled" else net
 
 
 def measure(variant: str, arch: str, dim: int, args: argparse.Namespace) -> dict:
@@ -102,19 +100,20 @@ def measure(variant: str, arch: str, dim: int, args: argparse.Namespace) -> dict
             "sec": sec, "first_call_sec": first, "images_per_sec": 1 / sec, "peak_mib": peak_memory_mib(device),
             "gflop": gflop, "gflops": gflop / sec,
             "cpu_kernels": device.type == "cpu" and variant != "reference" and (
-                cpu_kernels.library() is not None or cpu_kernels.onednn_available())}
+                fast.kernels.library() is not None or fast.kernels.onednn_available())}
 
 
 def measure_memory_module(arch: str, dim: int, args: argparse.Namespace) -> dict:
     """Per-image seconds of the memory's three steps, with a random 9000-slot memory."""
     device = resolve_device(args.device)
-    model = build("fast", arch, dim, device)
+    net = build("fast", arch, dim, device)
+    model = net.model
     query = EnhancerQuery(model)
     memory = ExternalMemory(MemoryConfig(mem_size=args.mem_size, key_dim=query.dim)).to(device)
     refiner = MemoryRefiner(query, memory)
     x = torch.rand(1, 3, args.height, args.width, device=device)
     with torch.no_grad():
-        y = model(x).clamp(0, 1)
+        y = net(x).clamp(0, 1)
         q = refiner.query(x)
         recalled = memory.read(q)
         steps = {"query": lambda: refiner.query(x), "read": lambda: memory.read(q),

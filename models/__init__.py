@@ -1,1 +1,6 @@
-"""Networks: the EMNet enhancer (and, in later issues, the external memory and its query encoders)."""
+"""EMNet's networks and their use.
+
+enhancer.py (the plain network) and fast/ (how it runs fast); memory.py, query.py, refiner.py and
+calibration.py (the external memory); loading.py (checkpoints); inference.py, evaluate.py and
+frozen_pass.py (enhancing, scoring, cached passes); baselines.py; options.py (the scripts' flags).
+"""

@@ -1,6 +1,7 @@
 """Run the enhancer on images of any size.
 
-Two paddings happen around the network: a reflected `margin` on every side, so that the
+The network runs on the fast path (`models/fast/`), which picks whole-image maps or row strips
+for the memory budget. Two paddings happen around the network: a reflected `margin` on every side, so that the
 convolutions' zero padding falls outside the picture (without it the outer rows and columns come
 out as a thin coloured frame), and a pad to a multiple of 8 at the bottom/right for the three 2x
 downsamplings. Both are cropped off the output.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from models import fast
+from models.enhancer import EMNetEnhancer
 
 MULTIPLE = 8  # three 2x downsamplings
 BORDER_MARGIN = 8  # default reflected margin (pixels per side); 0 = the original code's behaviour
@@ -45,19 +48,20 @@ def pad_for_network(x: torch.Tensor, margin: int = BORDER_MARGIN) -> tuple[torch
 
 
 @torch.no_grad()
-def enhance_with_features(model: nn.Module, x: torch.Tensor, margin: int = BORDER_MARGIN
+def enhance_with_features(model: EMNetEnhancer, x: torch.Tensor, margin: int = BORDER_MARGIN
                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """`enhance` plus the encoder features of the same pass (of the padded input), so the
     memory's enhancer query needs no second encoder pass."""
     padded, (rows, cols) = pad_for_network(x, margin)
-    features = model.forward_features(padded)
-    y = model.forward_head(padded, features)[..., rows, cols]
+    plan = fast.plan_for(model, padded)
+    features = fast.forward_features(model, padded, plan)
+    y = fast.forward_head(model, padded, features, plan)[..., rows, cols]
     return y.float().clamp(0, 1), features
 
 
 @torch.no_grad()
-def enhance(model: nn.Module, x: torch.Tensor, margin: int = BORDER_MARGIN) -> torch.Tensor:
+def enhance(model: EMNetEnhancer, x: torch.Tensor, margin: int = BORDER_MARGIN) -> torch.Tensor:
     """Enhance a (B, 3, H, W) batch in [0, 1] of any H, W; the output has the input's size, is
     clamped to [0, 1] and is float32 (also under a bf16 autocast)."""
     padded, (rows, cols) = pad_for_network(x, margin)
-    return model(padded)[..., rows, cols].float().clamp(0, 1)
+    return fast.forward(model, padded)[..., rows, cols].float().clamp(0, 1)

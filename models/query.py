@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import fast
 from models.enhancer import EMNetEnhancer
 from models.inference import BORDER_MARGIN, pad_for_network
 from utils.errors import UserError
@@ -63,7 +64,7 @@ class EnhancerQuery(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.from_features(self.enhancer.forward_features(pad_for_network(part, self.margin)[0]))
+        return torch.cat([self.from_features(fast.forward_features(self.enhancer, pad_for_network(part, self.margin)[0]))
                           for part in x.split(self.CHUNK)])
 
     def from_features(self, features: list[torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_repo
-from models import cpu_kernels
+from models.fast import kernels as cpu_kernels
 
 
 def run_script(*args: str) -> list[dict]:

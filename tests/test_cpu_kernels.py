@@ -1,13 +1,15 @@
-"""The C kernels (models/csrc/dwconv.c) compute what PyTorch computes, at borders and for any
-batch, height, width and channel count they accept; they stand aside where they cannot be used;
-and a machine without a C compiler falls back to PyTorch with a warning."""
+"""The C kernels (models/fast/csrc/dwconv.c) compute what PyTorch computes, at borders and for any
+batch, height, width and channel count they accept; the fast path's ops use them only where they
+apply; and a machine without a C compiler falls back to PyTorch with a warning."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import cpu_kernels
+from models.fast import kernels as cpu_kernels
+from models.fast import ops
+from models.fast.policy import Plan
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="the C kernels could not be built here (no C compiler?)")
@@ -64,21 +66,28 @@ def test_gate_gelu_over_its_whole_range():
     torch.testing.assert_close(got, F.gelu(v), atol=2e-6, rtol=1e-6)
 
 
-def test_kernels_stand_aside_where_they_cannot_be_used():
-    """Gradients, other dtypes, non-contiguous layouts and channel counts not a multiple of 16
-    keep PyTorch's ops."""
+def test_ops_use_the_kernels_only_where_they_apply(monkeypatch):
+    """The plan switches them on; channel counts not a multiple of 16 and non-contiguous layouts
+    keep PyTorch's conv even then."""
     a, _, wa, _ = inputs((1, 4, 4, 16), seed=3)
-    assert not cpu_kernels.applies((a.requires_grad_(),), (wa,))
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "depthwise3x3", lambda *args: calls.append(1) or torch_dw(*args))
+    expected = torch_dw(a, wa)
     with torch.no_grad():
-        assert not cpu_kernels.applies((a.double(),), (wa.double(),))
-        assert not cpu_kernels.applies((a.transpose(1, 2),), (wa,))
-        assert not cpu_kernels.applies((a[..., :8],), (wa[:8],))
-        assert cpu_kernels.applies((a,), (wa,)) == (cpu_kernels.library() is not None)
+        for plan, t, w, used in [(Plan(c_kernels=False), a, wa, False), (Plan(c_kernels=True), a, wa, True),
+                                 (Plan(c_kernels=True), a[..., :8], wa[:8], False),
+                                 (Plan(c_kernels=True), a.transpose(1, 2), wa, False)]:
+            calls.clear()
+            out = ops.depthwise3x3(w, t, plan)
+            assert bool(calls) == used
+            torch.testing.assert_close(out, torch_dw(t, w), atol=1e-5, rtol=1e-5)
+    assert expected.shape == a.shape
 
 
 def test_without_a_compiler_pytorch_ops_are_used(monkeypatch, tmp_path):
     """No C compiler and an empty cache: a warning, no library, and the enhancer still runs."""
     from models.enhancer import EMNetEnhancer, make_config
+    from models.inference import enhance
 
     monkeypatch.setenv("EMNET_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
@@ -87,7 +96,7 @@ def test_without_a_compiler_pytorch_ops_are_used(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="no C compiler"):
             assert cpu_kernels.library() is None
         with torch.no_grad():
-            out = EMNetEnhancer(make_config("emnet_tiny", 16)).eval()(torch.rand(1, 3, 16, 16))
+            out = enhance(EMNetEnhancer(make_config("emnet_tiny", 16)).eval(), torch.rand(1, 3, 16, 16))
         assert out.shape == (1, 3, 16, 16)
     finally:
         cpu_kernels.library.cache_clear()
@@ -110,9 +119,9 @@ def test_library_is_built_into_the_cache_once(monkeypatch, tmp_path):
         cpu_kernels.library.cache_clear()
 
 
-def test_streamed_forward_keeps_to_pytorch_products(monkeypatch):
-    """The bounded-memory path uses F.linear (oneDNN grew its heap by GBs); the plain one oneDNN."""
-    from models import streaming
+def test_row_strips_keep_to_pytorch_products(monkeypatch):
+    """The bounded-memory path uses F.linear (oneDNN grew its heap by GBs); whole maps oneDNN."""
+    from models import fast
     from models.enhancer import EMNetEnhancer, make_config
 
     if not cpu_kernels.onednn_available():
@@ -123,7 +132,7 @@ def test_streamed_forward_keeps_to_pytorch_products(monkeypatch):
     model = EMNetEnhancer(make_config("emnet_tiny", 16)).eval()
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
-        streaming.forward_head(model, x, streaming.forward_features(model, x, 24 * 4), 24 * 4)
+        fast.forward(model, x, fast.plan_for(model, x, strip_pixels=24 * 4))
         assert not calls
-        model(x)
+        fast.forward(model, x, fast.plan_for(model, x))
     assert calls

@@ -1,16 +1,20 @@
-"""The fast enhancer forward and its streamed (large-image) form compute the same function as the
-straightforward formulation in tests/reference_enhancer.py: outputs, features and gradients."""
+"""The fast path (models/fast/) computes the function of the plain network in models/enhancer.py,
+from the same weights: outputs, features and gradients, whole-image and in row strips, with the
+C kernels and with PyTorch ops only."""
 from __future__ import annotations
 
 import pytest
 import torch
-from reference_enhancer import ReferenceEnhancer
 
 from conftest import random_enhancer
-from models import cpu_kernels, streaming
+from models import fast
 from models.enhancer import GDFN, EMNetEnhancer
+from models.fast import kernels, strips
+from models.fast.blocks import block, gdfn_weights
+from models.fast.policy import Plan, plan_for
+from models.fast.strips import RowStrips, row_spans
 
-TOL = 1e-4  # max abs difference allowed in fp32 (the issue's bound)
+TOL = 1e-4  # max abs difference allowed in fp32
 
 
 def perturbed(arch: str, dim: int, seed: int) -> EMNetEnhancer:
@@ -19,116 +23,130 @@ def perturbed(arch: str, dim: int, seed: int) -> EMNetEnhancer:
     return random_enhancer(arch, dim, seed=seed, scale=0.05)
 
 
-def reference_of(model: EMNetEnhancer) -> ReferenceEnhancer:
-    ref = ReferenceEnhancer(model.config).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
-
-
 @pytest.fixture(params=["C kernels", "PyTorch ops"])
-def kernels(request, monkeypatch):
-    """Runs a test with the C kernels (models/cpu_kernels.py) and again with PyTorch ops only."""
+def with_kernels(request, monkeypatch):
+    """Runs a test with the C kernels (models/fast/kernels.py) and again with PyTorch ops only."""
     if request.param == "C kernels":
-        if cpu_kernels.library() is None:
+        if kernels.library() is None:
             pytest.skip("the C kernels could not be built here (no C compiler?)")
     else:
-        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+        monkeypatch.setattr(kernels, "library", lambda: None)
+        monkeypatch.setattr(kernels, "onednn_available", lambda: False)
     return request.param
 
 
 @pytest.mark.parametrize("arch,dim,shape", [("emnet_tiny", 8, (2, 3, 24, 40)),
                                             ("emnet_small", 16, (1, 3, 32, 24)),
                                             ("emnet_enhancer", 32, (1, 3, 32, 48))])
-def test_forward_equals_reference(arch, dim, shape, kernels):
-    """Same weights, same outputs: max |fast - reference| <= 1e-4 in fp32, with non-trivial
-    LayerNorm weights, temperatures and several heads; with and without the C kernels."""
+def test_fast_forward_equals_the_plain_network(arch, dim, shape, with_kernels):
+    """Same weights, same outputs: max |fast - plain| <= 1e-4 in fp32, with non-trivial LayerNorm
+    weights, temperatures and several heads; with and without the C kernels."""
     model = perturbed(arch, dim, seed=0)
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        fast, ref = model(x), reference_of(model)(x)
-    assert ref.abs().max() > 0.1, "degenerate reference output"
-    assert (fast - ref).abs().max().item() <= TOL
+        ours, plain = fast.forward(model, x), model(x)
+        assert plan_for(model, x).c_kernels == (with_kernels == "C kernels")
+    assert plain.abs().max() > 0.1, "degenerate output"
+    assert (ours - plain).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_gradients_equal_reference(batch):
-    """Training uses the fast forward: its parameter and input gradients equal the reference's
-    (batch 1 takes the pixel-split q k^T)."""
+def test_gradients_equal_the_plain_network(batch):
+    """Training runs the fast path (`fast.FastForward`): its parameter and input gradients equal
+    the plain network's (batch 1 takes the pixel-split q k^T)."""
     model = perturbed("emnet_tiny", 8, seed=2)
-    ref = reference_of(model)
     target = torch.rand(batch, 3, 16, 24, generator=torch.Generator().manual_seed(3))
     grads = []
-    for net in (model, ref):
+    for net in (fast.FastForward(model), model):
+        model.zero_grad()
         x = torch.rand(batch, 3, 16, 24, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
         ((net(x) - target) ** 2).mean().backward()
-        grads.append({"input": x.grad, **{n: p.grad for n, p in net.named_parameters()}})
-    fast, slow = grads
-    assert fast.keys() == slow.keys()
-    for name in fast:
-        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-3, msg=name)
+        grads.append({"input": x.grad, **{n: p.grad.clone() for n, p in model.named_parameters()}})
+    ours, plain = grads
+    assert ours.keys() == plain.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], plain[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_plan_keeps_kernels_and_strips_away_from_gradients(monkeypatch):
+    """With gradients: PyTorch ops on whole maps, whatever the size or the budget."""
+    model = perturbed("emnet_tiny", 8, seed=2)
+    x = torch.rand(1, 3, 16, 24)
+    monkeypatch.setattr("models.fast.budget.WHOLE_BYTES", 10 ** 12)  # nothing fits whole
+    plan = plan_for(model, x)
+    assert plan.grad and not (plan.c_kernels or plan.onednn or plan.strips)
+    with torch.no_grad():
+        assert plan_for(model, x).strips
 
 
 def test_gdfn_hidden_width_is_padded_with_exact_zeros():
-    """GDFN pads hidden 85 (dim 32) to 96 for faster matrix products; the stored weights keep
-    the published shapes and the padded rows/columns are zeros."""
-    gdfn = GDFN(32, 2.66)
-    assert tuple(gdfn.project_in.weight.shape) == (170, 32, 1, 1)
-    w_in, w_dw, w_out = gdfn.padded_weights()
+    """On the CPU the GDFN's hidden 85 (dim 32) is padded to 96 for faster matrix products; the
+    stored weights keep the published shapes and the padded rows/columns are zeros."""
+    ffn = GDFN(32, 2.66)
+    assert tuple(ffn.project_in.weight.shape) == (170, 32, 1, 1)
+    w_in, w_dw, w_out = gdfn_weights(ffn, Plan(gemm_pad=True))
     assert (w_in.shape, w_dw.shape, w_out.shape) == ((192, 32), (192, 1, 3, 3), (32, 96))
     assert torch.equal(w_in[85:96], torch.zeros(11, 32)) and torch.equal(w_in[181:], torch.zeros(11, 32))
-    assert torch.equal(w_in[96:181], gdfn.project_in.weight.flatten(1)[85:])
+    assert torch.equal(w_in[96:181], ffn.project_in.weight.flatten(1)[85:])
     assert torch.equal(w_out[:, 85:], torch.zeros(32, 11))
+    assert gdfn_weights(ffn, Plan(gemm_pad=False))[0].shape == (170, 32)
 
 
 @pytest.mark.parametrize("arch,dim", [("emnet_tiny", 8), ("emnet_enhancer", 32)])
-def test_streamed_forward_equals_full(arch, dim, kernels):
+def test_row_strips_equal_whole_maps(arch, dim, with_kernels):
     """Row strips of a few rows (so every level has several strips, including a last short one)
-    give the same features and output as the one-piece forward."""
+    give the same features and output as whole maps and as the plain network."""
     model = perturbed(arch, dim, seed=5)
     x = torch.rand(2, 3, 56, 40, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        full_feats = model.forward_features(x)
-        full = model.forward_head(x, full_feats)
-        feats = streaming.forward_features(model, x, strip_pixels=40 * 6)
-        out = streaming.forward_head(model, x, feats, strip_pixels=40 * 6)
+        whole = fast.plan_for(model, x, strip_pixels=0)
+        striped = fast.plan_for(model, x, strip_pixels=40 * 6)
+        assert striped.strips and not striped.onednn
+        full_feats = fast.forward_features(model, x, whole)
+        feats = fast.forward_features(model, x, striped)
+        out = fast.forward_head(model, x, feats, striped)
+        plain = model(x)
     for a, b in zip(feats, full_feats):
         assert (a - b).abs().max().item() <= TOL
-    assert (out - full).abs().max().item() <= TOL
+    assert (out - plain).abs().max().item() <= TOL
 
 
-def test_model_streams_large_inputs_only_without_gradients(monkeypatch):
-    """Above `stream_pixels` an inference forward takes the streamed path (same result); with
-    gradients enabled the plain forward runs, so training is unaffected."""
+def test_inference_over_the_budget_runs_in_strips(monkeypatch):
+    """When the whole image does not fit the memory budget, `enhance` runs row strips (same
+    result); with gradients enabled it never does."""
+    from models.fast import budget
+    from models.inference import enhance
+
     model = perturbed("emnet_tiny", 8, seed=7)
     x = torch.rand(1, 3, 32, 16, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        full = model(x)
+    plain = enhance(model, x)
     calls = []
-    original = streaming.block
-    monkeypatch.setattr(streaming, "block", lambda *a, **k: calls.append(1) or original(*a, **k))
-    model.stream_pixels, model.strip_pixels = 32 * 16 - 1, 16 * 4
-    with torch.no_grad():
-        streamed = model(x)
-    assert calls, "the streamed path was not taken"
-    assert (streamed - full).abs().max().item() <= TOL
-    calls.clear()
-    assert model(x).requires_grad and not calls
+    original = RowStrips.block
+    monkeypatch.setattr(RowStrips, "block", lambda self, *a: calls.append(1) or original(self, *a))
+    budget.set_max_memory(1e-6)
+    try:
+        striped = enhance(model, x)
+    finally:
+        budget.set_max_memory(None)
+    assert calls, "the strip runner was not used"
+    assert (striped - plain).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("height,rows", [(7, 2), (9, 4), (5, 8), (12, 2)])
-def test_streamed_block_any_height(height, rows):
+def test_strip_block_any_height(height, rows):
     """One block over strips equals the block at once for odd heights and strips taller than the
     image."""
     model = perturbed("emnet_tiny", 8, seed=9)
     blk = model.encoder_level2[0]
     t = torch.randn(1, height, 5, 16, generator=torch.Generator().manual_seed(10))
+    plan = Plan(strips=True, strip_pixels=5 * rows)
     with torch.no_grad():
-        torch.testing.assert_close(streaming.block(blk, t, strip_pixels=5 * rows), blk.nhwc(t),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(RowStrips(plan).block(blk, t), block(blk, t, plan), atol=TOL, rtol=0)
 
 
 def test_row_spans_cover_the_image_in_even_strips():
-    spans = list(streaming.row_spans(37, 10, strip_pixels=60))
+    spans = list(row_spans(37, 10, strip_pixels=60))
     assert spans[0] == (0, 6) and spans[-1] == (36, 37)
     assert [r for a, b in spans for r in range(a, b)] == list(range(37))
     assert all((b - a) % 2 == 0 for a, b in spans[:-1])
+    assert strips.MAPPED_BYTES > 0

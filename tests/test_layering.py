@@ -25,8 +25,10 @@ def _type_checking_only(node: ast.If) -> bool:
     return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module `path` imports (absolute names), outside `if TYPE_CHECKING:` blocks."""
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """Every project module `path` imports (absolute names), outside `if TYPE_CHECKING:` blocks.
+    `from package import submodule` depends on the submodule, `from module import name` on the
+    module."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -36,8 +38,10 @@ def imported_modules(path: Path) -> set[str]:
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                found.add(child.module)
-                found.update(f"{child.module}.{a.name}" for a in child.names)
+                subs = {f"{child.module}.{a.name}" for a in child.names} & modules
+                found.update(subs)
+                if len(subs) < len(child.names):
+                    found.add(child.module)
             visit(child)
 
     visit(ast.parse(path.read_text()))
@@ -46,7 +50,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in project_files()}
-    return {name: {m for m in imported_modules(path) if m in modules and m != name}
+    return {name: {m for m in imported_modules(path, set(modules)) if m in modules and m != name}
             for name, path in modules.items()}
 
 

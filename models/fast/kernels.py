@@ -1,23 +1,19 @@
-"""Faster CPU paths for the enhancer's inference: C kernels for the depthwise 3x3 convs and
-oneDNN for the 1x1 convs.
+"""The CPU kernels behind the fast path: C kernels for the depthwise 3x3 convs (built and loaded
+here) and oneDNN's matrix product for the 1x1 convs. Whether they run is `policy.py`'s decision.
 
 Why: on a CPU, PyTorch's depthwise conv (oneDNN) runs at about a fifth of the machine's peak, the
 GDFN gate gelu(a) * b costs two more passes over the widest tensors of the network, and the BLAS
 call behind F.linear is ~1.3x slower than oneDNN's product for the network's tall, narrow
 matrices. The kernels in `models/csrc/dwconv.c` keep each pixel's channels in vector registers and
-fuse the gate. Together the published enhancer runs ~1.35x faster than with PyTorch ops alone
-(README, "Speed").
+fuse the gate.
 
 The C library is compiled once per machine with the system C compiler (`$CC`, else `cc`, `gcc` or
 `clang`) into `$EMNET_KERNEL_CACHE` (default `~/.cache/emnet-pytorch`), checked against PyTorch on
 a small input, and loaded with ctypes. Without a compiler, if the check fails, or with
-`EMNET_CPU_KERNELS=0`, `library()` is None and the enhancer uses PyTorch ops: same outputs, slower.
-Both paths are used only where no gradient is needed.
+`EMNET_CPU_KERNELS=0`, `library()` is None and the fast path uses PyTorch ops: same outputs, slower.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import os
@@ -28,13 +24,12 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "dwconv.c"
-CHANNEL_MULTIPLE = 16  # the kernels handle 16 channels per vector
+CHANNEL_MULTIPLE = 16  # the kernels handle 16 channels per vector: other counts use PyTorch ops
 # Tried in order: the first that compiles and passes the check is used.
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -50,7 +45,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EMNET_KERNEL_CACHE", default))
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
     """False when EMNET_CPU_KERNELS=0: both the C kernels and oneDNN's products are off."""
     return os.environ.get("EMNET_CPU_KERNELS", "1") != "0"
 
@@ -103,7 +98,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or fail the check."""
-    if not _enabled():
+    if not enabled():
         return None
     compiler = _compiler()
     if compiler is None:
@@ -180,28 +175,11 @@ def _passes_check(lib: ctypes.CDLL) -> bool:
                                    rtol=1e-5, atol=1e-5))
 
 
-def _inference_f32(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """float32 CPU tensors, and no gradient needed through them."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-def applies(activations: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> bool:
-    """True where the C kernels can stand in for PyTorch ops: contiguous float32 CPU (N, H, W, C)
-    activations with C a multiple of 16, no gradient needed, and the library available."""
-    if not _inference_f32(activations + weights):
-        return False
-    if not all(t.dim() == 4 and t.is_contiguous() and t.shape[-1] % CHANNEL_MULTIPLE == 0 for t in activations):
-        return False
-    return library() is not None
-
-
 @lru_cache(maxsize=None)
 def onednn_available() -> bool:
     """oneDNN's fp32 matrix product (the op PyTorch's compiler emits for CPU linears) is in this
     build of PyTorch and agrees with F.linear. Off with EMNET_CPU_KERNELS=0."""
-    if not _enabled() or not torch.backends.mkldnn.is_available():
+    if not enabled() or not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
     x, w, r = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)
@@ -213,29 +191,6 @@ def onednn_available() -> bool:
         return False
     expected = F.linear(x, w)
     return torch.allclose(plain, expected, atol=1e-5) and torch.allclose(added, expected + r, atol=1e-5)
-
-
-_ONEDNN_ALLOWED = contextvars.ContextVar("emnet_onednn_allowed", default=True)
-
-
-@contextlib.contextmanager
-def without_onednn() -> Iterator[None]:
-    """F.linear / addmm instead of oneDNN's products inside this block.
-
-    The streamed large-image forward uses it: there, with the scripts' GLIBC_TUNABLES, oneDNN's
-    products left the heap 2.7 GB larger for a 3-megapixel image (9.4 GB peak RSS against 6.7 GB)
-    for a ~4 % gain.
-    """
-    token = _ONEDNN_ALLOWED.set(False)
-    try:
-        yield
-    finally:
-        _ONEDNN_ALLOWED.reset(token)
-
-
-def onednn_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """True where `onednn_linear` can stand in for F.linear / addmm."""
-    return _ONEDNN_ALLOWED.get() and _inference_f32(tensors) and onednn_available()
 
 
 def onednn_linear(t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
