@@ -9,7 +9,7 @@ smoothed over time with an exponential moving average, m_t = S m_(t-1) + (1 - S)
 size (but even: the encoders need it); it is written to a temporary file beside --output and
 renamed when complete. Example:
     python enhance_video.py --input dark.mp4 --output bright.mp4 \
-        --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth
+        --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ DATA_ROOT=${DATA_ROOT:-./datasets/LOL-v1}          # where LOL-v1 lives (see REA
 DEMO_DIR=./datasets/demo                            # made from scikit-image photos by dataset/demo.py
 INPUT_DIR=${INPUT_DIR:-$DEMO_DIR}                   # LOL-v1: $DATA_ROOT/eval15
 WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth}  # bundled; or the published model_lolv1.pth
-MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth}  # empty: ori only
+MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth}  # empty: ori only
 QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
 TESTING_TOP_K=${TESTING_TOP_K:-}                    # empty: the read settings stored in the memory
 BORDER_MARGIN=${BORDER_MARGIN:-8}                   # reflected margin against a border frame; 0 = original code

@@ -3,7 +3,7 @@ optionally corrected by our external memory (test.py's plug-and-play --enhanced_
 
     python benchmarks/baselines.py --input_dir datasets/LOL-v1/eval15
     python benchmarks/baselines.py --input_dir datasets/LOL-v1/eval15 \
-        --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_enhq_memory.pth
+        --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth
 
 Writes RESULT_DIR/<method>/<name>.png (8-bit, rounded), with a memory RESULT_DIR/<method>_mem/
 (test.py's output), and the table in RESULT_DIR/baselines.md and baselines.json. Methods and
