@@ -34,6 +34,7 @@ from models.options import (
     add_device_arg,
     add_enhancer_args,
     add_memory_args,
+    check_border_margin,
     writable_dir,
 )
 from models.refiner import MemoryRefiner, build_refiner
@@ -147,8 +148,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.border_margin < 0:
-        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
+    check_border_margin(args.border_margin)
     if not 0 <= args.smooth < 1:
         raise UserError(f"--smooth {args.smooth} must be in [0, 1) (0 = no smoothing)")
     src, dst = Path(args.input), Path(args.output)

@@ -14,59 +14,41 @@ network, so a caller needs no pre- or post-processing:
   that hold only the written slots, so an unwritten slot can never be recalled.
 Only memories queried by the enhancer (`enhancer`, `enhancer_levels`) are supported.
 
-The classic (TorchScript-tracing) exporter is used with dynamic axes. The enhancer's fast CPU
-paths (C kernels and oneDNN products, models/cpu_kernels.py) cannot be traced, so they are
-switched off before `models` is imported; run this file as a script (importing it switches them
-off for the whole process). Example:
+The classic (TorchScript-tracing) exporter is used with dynamic axes, on the plain network of
+models/enhancer.py (the fast path's C kernels are not part of it). Example:
     python export_onnx.py --weights pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth \
         --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth --output emnet.onnx
 """
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import io
+import warnings
+from pathlib import Path
 
-os.environ["EMNET_CPU_KERNELS"] = "0"  # read by models/cpu_kernels.py; must precede the models import
+import torch
+from torch import nn
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.onnx import symbolic_helper  # noqa: E402
-
-from models import cpu_kernels  # noqa: E402
-from models.enhancer import EMNetEnhancer  # noqa: E402
-from models.inference import MULTIPLE  # noqa: E402
-from models.loading import load_enhancer, load_memory  # noqa: E402
-from models.memory import ExternalMemory  # noqa: E402
-from models.options import BUNDLED_ENHANCER, add_border_arg, add_enhancer_args, add_memory_args, writable_dir  # noqa: E402
-from models.query import ENHANCER_DESCRIPTORS  # noqa: E402
-from models.refiner import MemoryRefiner, build_refiner  # noqa: E402
-from utils.atomic import atomic_write  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-
-if TYPE_CHECKING:
-    from torch.onnx._internal.torchscript_exporter.jit_utils import GraphContext
+from models.enhancer import EMNetEnhancer
+from models.inference import MULTIPLE
+from models.loading import load_enhancer, load_memory
+from models.memory import ExternalMemory
+from models.options import (
+    BUNDLED_ENHANCER,
+    add_border_arg,
+    add_enhancer_args,
+    add_memory_args,
+    check_border_margin,
+    writable_dir,
+)
+from models.query import ENHANCER_DESCRIPTORS
+from models.refiner import MemoryRefiner, build_refiner
+from utils.atomic import atomic_write
+from utils.errors import UserError, run_cli
 
 OPSETS = range(17, 21)  # 17: the first with LayerNormalization; 20: the classic exporter's last
-# The traced example. Padded to 56 x 72, its deepest level is 7 x 9: an odd pixel count, so the
-# attention's shape-dependent branch takes its general path, right for every size (the shallower
-# levels of any padded input are even). Both pads are non-zero.
-EXAMPLE_SIZE = (37, 53)
-
-
-@symbolic_helper.parse_args("v", "v", "v", "v", "f", "b")
-def _layer_norm(g: GraphContext, x: torch.Value, normalized_shape: torch.Value, weight: torch.Value,
-                bias: torch.Value, eps: float, cudnn_enable: bool) -> torch.Value:
-    """aten::layer_norm as ONNX LayerNormalization over the last len(normalized_shape) axes. The
-    built-in symbolic needs normalized_shape as constants, but the enhancer's channel LayerNorm
-    takes it from the input's shape, which the tracer records as a graph value."""
-    axes = len(symbolic_helper._unpack_list(normalized_shape))
-    return g.op("LayerNormalization", x, weight, bias, epsilon_f=eps, axis_i=-axes)
+EXAMPLE_SIZE = (37, 53)  # the traced example: both pads non-zero
 
 
 def _source_index(pos: torch.Tensor, n: torch.Tensor, reflect: torch.Tensor) -> torch.Tensor:
@@ -152,18 +134,13 @@ def to_onnx(model: ExportedEMNet, opset: int) -> bytes:
     needs static kernel shapes, and GDFN slices its depthwise kernels by a weight's size), while
     the image's height and width stay symbolic.
     """
-    if cpu_kernels.library() is not None or cpu_kernels.onednn_available():
-        raise RuntimeError("the enhancer's C kernels or oneDNN products are on and cannot be traced; "
-                           "run export_onnx.py as a script (it sets EMNET_CPU_KERNELS=0 before importing models)")
     outputs = ["ori"] if model.refiner is None else ["ori", "mem"]
     axes = {name: {2: "height", 3: "width"} for name in ["low", *outputs]}
     example = torch.rand(1, 3, *EXAMPLE_SIZE)
     buffer = io.BytesIO()
-    torch.onnx.register_custom_op_symbolic("aten::layer_norm", _layer_norm, min(OPSETS))
     with warnings.catch_warnings():
-        # Python branches on tensors are traced as constants. Here they depend on the weights
-        # and memory banks (constant anyway) or on the parity of a level's pixel count, which the
-        # example makes take the general path (see EXAMPLE_SIZE).
+        # Python branches on tensors are traced as constants; here they depend only on the
+        # weights and memory banks, constant anyway.
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
         # The TorchScript tools are deprecated but still the ones that export dynamic sizes here.
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
@@ -199,8 +176,7 @@ def main(args: argparse.Namespace) -> None:
     except ImportError:
         raise UserError("the onnx package is not installed; pip install onnx (and onnxruntime to run "
                         "the exported model)") from None
-    if args.border_margin < 0:
-        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
+    check_border_margin(args.border_margin)
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; pass a file name such as {output / 'emnet.onnx'}")

@@ -17,6 +17,7 @@ import torch
 
 from dataset.pairing import find_pairs
 from models.evaluate import evaluate_pairs, match_enhanced
+from models.fast import budget
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
     BUNDLED_ENHANCER,
@@ -24,6 +25,7 @@ from models.options import (
     add_device_arg,
     add_enhancer_args,
     add_memory_args,
+    check_border_margin,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
@@ -38,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", required=True,
-                   help="folder with low/ (and high/ for metrics), or a flat folder of images")
+                   help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
     p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")
     p.add_argument("--weights", default=BUNDLED_ENHANCER,
                    help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
@@ -50,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pictures", action="store_true",
                    help="also write strips/<name>.jpg (low | ori | mem | ground truth) and index.html "
                         "(implies --save_images)")
+    p.add_argument("--max_memory", type=float, default=None,
+                   help="memory budget of one forward in GB: larger photos run in exact row strips "
+                        "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bf16 autocast for the networks (fast on recent GPUs; scores move by ~0.01 dB)")
     add_enhancer_args(p, defaults_from_checkpoint=True)
@@ -61,8 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     args.save_images = args.save_images or args.pictures
-    if args.border_margin < 0:
-        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
+    check_border_margin(args.border_margin)
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UserError(f"--max_memory {args.max_memory} must be a positive number of GB")
+    budget.set_max_memory(args.max_memory)
     device = resolve_device(args.device)
     pairs = find_pairs(args.input_dir, require_high=False)
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None

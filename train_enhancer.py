@@ -231,6 +231,11 @@ def main(args: argparse.Namespace) -> None:
     forward = torch.compile(ddp) if args.compile else ddp
 
     bad_steps, stop = 0, False
+    last_iter = min(total_iters, args.max_iters) if args.max_iters else total_iters  # where this run stops
+    if iteration >= last_iter:
+        log.line(f"nothing to train: the run is at iteration {iteration} and stops at {last_iter} "
+                 "(raise --max_iters or --nepoch); checkpoints left as they are")
+        stop = True
     while epoch < args.nepoch and not stop:
         if info.enabled:
             sampler.set_epoch(epoch)
@@ -273,7 +278,7 @@ def main(args: argparse.Namespace) -> None:
                 log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
                                         **{f"train/{k}": v for k, v in terms.items()}})
                 rate = done_here / (time.perf_counter() - tic)
-                log.line(f"epoch {epoch} iter {iteration}/{total_iters} loss {loss_value:.4f} "
+                log.line(f"epoch {epoch} iter {iteration}/{last_iter} loss {loss_value:.4f} "
                          + " ".join(f"{k} {v:.4f}" for k, v in terms.items()) + f" lr {lr:.2e} {rate:.2f} it/s")
             if args.max_iters and iteration >= args.max_iters:
                 stop = True

@@ -35,6 +35,7 @@ from models.options import (
     add_memory_args,
     add_memory_build_args,
     add_split_arg,
+    check_border_margin,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
@@ -187,8 +188,7 @@ def main(args: argparse.Namespace) -> None:
     remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
-    if args.border_margin < 0:
-        raise UserError(f"--border_margin {args.border_margin} must be >= 0 (0 = the original code)")
+    check_border_margin(args.border_margin)
     query_name = args.query_encoder or "enhancer"
     read = read_config(args)
     enhancer, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)

@@ -58,8 +58,13 @@ def _images_by_key(folder: Path) -> dict[str, Path]:
 
 def find_pairs(root: str | Path, require_high: bool = True) -> list[ImagePair]:
     """All pairs under `root`, sorted by name. With `require_high=False` a folder without a
-    `high/` subfolder (or a flat folder of images) gives pairs whose `high` is None."""
+    `high/` subfolder (or a flat folder of images, or one image file) gives pairs whose `high` is
+    None."""
     root = Path(root)
+    if root.is_file() and is_image_file(root) and not require_high:
+        return [ImagePair(root.stem, root, None)]
+    if root.is_file():
+        raise UserError(f"{root} is a file; pass a folder holding low/ and high/ (test.py also takes one image)")
     if not root.is_dir():
         raise UserError(f"input folder {root} does not exist; pass a folder holding low/ and high/")
     low_dir = _subfolder(root, LOW_NAMES)

@@ -72,6 +72,12 @@ def add_border_arg(p: argparse.ArgumentParser) -> None:
                         "0 = the original code")
 
 
+def check_border_margin(margin: int) -> None:
+    """A negative --border_margin is a UserError (0 is the original code's behaviour)."""
+    if margin < 0:
+        raise UserError(f"--border_margin {margin} must be >= 0 (0 = the original code)")
+
+
 def add_split_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val_percent", type=float, default=DEFAULT_VAL_PERCENT,
                    help="share of training pairs held out for validation when --val_dir is not "

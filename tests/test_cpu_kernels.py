@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fast import kernels as cpu_kernels
-from models.fast import ops
+from models.fast import kernels, ops
 from models.fast.policy import Plan
 
-needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
                                    reason="the C kernels could not be built here (no C compiler?)")
 
 
@@ -33,14 +32,14 @@ SHAPES = [(1, 1, 1, 16), (1, 1, 5, 16), (1, 6, 1, 32), (2, 2, 3, 16), (3, 7, 9, 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_depthwise_matches_pytorch(shape):
     a, _, wa, _ = inputs(shape, seed=0)
-    torch.testing.assert_close(cpu_kernels.depthwise3x3(a, wa), torch_dw(a, wa), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.depthwise3x3(a, wa), torch_dw(a, wa), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
 def test_depthwise_squares_are_per_image_channel_sums(shape):
     a, _, wa, _ = inputs(shape, seed=1)
-    out, squares = cpu_kernels.depthwise3x3_squares(a, wa)
+    out, squares = kernels.depthwise3x3_squares(a, wa)
     expected = torch_dw(a, wa)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(squares, expected.double().square().sum((1, 2)).float(), atol=1e-4, rtol=1e-5)
@@ -51,7 +50,7 @@ def test_depthwise_squares_are_per_image_channel_sums(shape):
 def test_gate_matches_exact_gelu(shape):
     a, b, wa, wb = inputs(shape, seed=2)
     expected = F.gelu(torch_dw(a, wa)) * torch_dw(b, wb)
-    torch.testing.assert_close(cpu_kernels.gated_depthwise3x3(a, b, wa, wb), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.gated_depthwise3x3(a, b, wa, wb), expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels
@@ -62,7 +61,7 @@ def test_gate_gelu_over_its_whole_range():
     v = torch.linspace(-100, 100, 20001).view(1, -1, 1, 1).expand(1, 20001, 1, c).contiguous()
     centre = torch.zeros(c, 1, 3, 3)
     centre[:, 0, 1, 1] = 1
-    got = cpu_kernels.gated_depthwise3x3(v, torch.ones_like(v), centre, centre)
+    got = kernels.gated_depthwise3x3(v, torch.ones_like(v), centre, centre)
     torch.testing.assert_close(got, F.gelu(v), atol=2e-6, rtol=1e-6)
 
 
@@ -71,7 +70,7 @@ def test_ops_use_the_kernels_only_where_they_apply(monkeypatch):
     keep PyTorch's conv even then."""
     a, _, wa, _ = inputs((1, 4, 4, 16), seed=3)
     calls = []
-    monkeypatch.setattr(cpu_kernels, "depthwise3x3", lambda *args: calls.append(1) or torch_dw(*args))
+    monkeypatch.setattr(kernels, "depthwise3x3", lambda *args: calls.append(1) or torch_dw(*args))
     expected = torch_dw(a, wa)
     with torch.no_grad():
         for plan, t, w, used in [(Plan(c_kernels=False), a, wa, False), (Plan(c_kernels=True), a, wa, True),
@@ -90,33 +89,33 @@ def test_without_a_compiler_pytorch_ops_are_used(monkeypatch, tmp_path):
     from models.inference import enhance
 
     monkeypatch.setenv("EMNET_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
-    cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C compiler"):
-            assert cpu_kernels.library() is None
+            assert kernels.library() is None
         with torch.no_grad():
             out = enhance(EMNetEnhancer(make_config("emnet_tiny", 16)).eval(), torch.rand(1, 3, 16, 16))
         assert out.shape == (1, 3, 16, 16)
     finally:
-        cpu_kernels.library.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_library_is_built_into_the_cache_once(monkeypatch, tmp_path):
     """A fresh cache gets one compiled library; loading again reuses it without compiling."""
-    if cpu_kernels._compiler() is None:
+    if kernels._compiler() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("EMNET_KERNEL_CACHE", str(tmp_path))
-    cpu_kernels.library.cache_clear()
+    kernels.library.cache_clear()
     try:
-        assert cpu_kernels.library() is not None
+        assert kernels.library() is not None
         built = sorted(tmp_path.glob("*.so"))
         assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
-        cpu_kernels.library.cache_clear()
-        monkeypatch.setattr(cpu_kernels, "_build", lambda *a: pytest.fail("rebuilt a cached library"))
-        assert cpu_kernels.library() is not None
+        kernels.library.cache_clear()
+        monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("rebuilt a cached library"))
+        assert kernels.library() is not None
     finally:
-        cpu_kernels.library.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_row_strips_keep_to_pytorch_products(monkeypatch):
@@ -124,11 +123,11 @@ def test_row_strips_keep_to_pytorch_products(monkeypatch):
     from models import fast
     from models.enhancer import EMNetEnhancer, make_config
 
-    if not cpu_kernels.onednn_available():
+    if not kernels.onednn_available():
         pytest.skip("oneDNN's products are not available in this PyTorch build")
     calls = []
-    original = cpu_kernels.onednn_linear
-    monkeypatch.setattr(cpu_kernels, "onednn_linear", lambda *a: calls.append(1) or original(*a))
+    original = kernels.onednn_linear
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: calls.append(1) or original(*a))
     model = EMNetEnhancer(make_config("emnet_tiny", 16)).eval()
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():

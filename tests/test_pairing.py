@@ -456,3 +456,14 @@ def test_split_names_with_dots():
     names = [f"scene.{i:03d}" for i in range(200)]
     val = [n for n in names if is_validation_pair(n, 10)]
     assert 0 < len(val) < len(names)
+
+
+def test_a_single_image_file_is_one_pair_without_ground_truth(make_pairs):
+    """test.py --input_dir may name one image: one pair, no ground truth; training still needs
+    folders."""
+    root = make_pairs(names=("7",), high_dir=None)
+    image = root / "low" / "7.png"
+    (pair,) = find_pairs(image, require_high=False)
+    assert (pair.name, pair.low, pair.high) == ("7", image, None)
+    with pytest.raises(UserError, match="is a file"):
+        find_pairs(image)

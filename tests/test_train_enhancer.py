@@ -573,3 +573,20 @@ def test_persistent_nan_raises_user_error(tmp_path, monkeypatch):
         train_enhancer.main(train_enhancer.get_args_parser().parse_args(_in_process_args(train, tmp_path, 50)))
     assert made[0].calls == 2 + train_enhancer.MAX_BAD_STEPS
     assert "--lr_initial" in str(err.value)
+
+
+def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
+    """--resume with --max_iters at or below the checkpoint's iteration: no step, checkpoints
+    untouched, a log line saying so; the progress lines count to the cap, not the schedule's end."""
+    train = make_structured_pairs(tmp_path / "pairs", ["a", "b"], size=(40, 40))
+    save = tmp_path / "runs"
+    flags = ("--val_percent", 0, "--train_ps", 32, "--batch_size", 1, "--nepoch", 50, "--log_every", 1)
+    ok(run_train(train, save, "cap", *flags, "--max_iters", 3))
+    log = (save / "cap" / "train.log").read_text()
+    assert "iter 3/3 " in log and "/100 " not in log
+    latest = save / "cap" / "models" / "model_latest.pth"
+    before = latest.read_bytes()
+    for cap in (3, 2):
+        ok(run_train(train, save, "cap", *flags, "--max_iters", cap, "--resume"))
+        assert latest.read_bytes() == before
+    assert (save / "cap" / "train.log").read_text().count("nothing to train") == 2
