@@ -156,7 +156,7 @@ def tiny_memory_file(path: Path, enhancer) -> Path:
 def pictures_run(tmp_path_factory):
     """test.py --pictures (no --save_images) with a tiny random enhancer and memory on two
     synthetic 40x56 pairs."""
-    from utils.checkpoint import ENHANCER_FORMAT
+    from models.loading import ENHANCER_FORMAT
 
     tmp = tmp_path_factory.mktemp("pictures_run")
     rng = np.random.default_rng(0)

@@ -77,7 +77,8 @@ def main_run(lol_root, tmp_path_factory):
     """test.py --save_images on 2 real eval15 pairs with our-format emnet_tiny/8 weights, into a
     result folder that already holds a user's files."""
     from conftest import random_enhancer
-    from utils.checkpoint import ENHANCER_FORMAT, save_checkpoint
+    from models.loading import ENHANCER_FORMAT
+    from utils.checkpoint import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("main_run")
     data = copy_eval_pairs(lol_root, tmp / "eval")
