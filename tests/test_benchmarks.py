@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_repo
 from models.fast import kernels
+
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
 
 
 def run_script(*args: str) -> list[dict]:

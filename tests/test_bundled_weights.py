@@ -14,6 +14,8 @@ from models.loading import load_enhancer, load_memory
 from models.refiner import build_refiner
 from utils.report import mean_scores
 
+pytestmark = pytest.mark.slow  # re-scores both bundled pairs on eval15 (~2 min on a 2-core CPU)
+
 CARD = REPO / "pre_trained_logs" / "model_card.json"
 ENTRIES = json.loads(CARD.read_text())["eval15"] if CARD.is_file() else []
 

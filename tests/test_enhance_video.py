@@ -26,6 +26,8 @@ from models.refiner import MemoryRefiner, build_refiner
 from utils.checkpoint import save_checkpoint
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 
+pytestmark = pytest.mark.slow  # runs the video script
+
 FRAMES, HEIGHT, WIDTH, FPS = 12, 48, 64, 10.0
 LEVELS = [0.3 + 0.05 * (i % 3) if i % 2 else 0.7 - 0.05 * (i % 3) for i in range(FRAMES)]  # dark/bright
 COLOURS = torch.tensor([[0.6, 0.35, 0.1], [0.1, 0.35, 0.6]])  # slot values: far apart

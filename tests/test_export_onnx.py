@@ -19,6 +19,8 @@ from models.query import describe_features
 from models.refiner import build_refiner
 from utils.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.slow  # exports and runs ONNX models
+
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
