@@ -1,9 +1,9 @@
 """EMNet's external memory (EMNET.md, "Memory"): key/value banks written from the training set
 and read at test time to correct an enhancer's colours.
 
-A slot holds a key (a unit-norm query descriptor of a low-light training crop), a value (the p x p
-average-pooled RGB of that crop's normal-light target), an age and the index of the training
-sample that wrote it. All four are buffers: they move with `.to(device)` and save with the module.
+A slot holds a key (a unit-norm query descriptor of a low-light training sample: a crop, as in the
+release, or a whole image), a value (the p x p average-pooled RGB of that sample's normal-light
+target), an age and the index of the training sample that wrote it. All four are buffers: they move with `.to(device)` and save with the module.
 """
 from __future__ import annotations
 
