@@ -44,7 +44,7 @@ from models.calibration import calibrate_strength  # noqa: E402
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes  # noqa: E402
 from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
-from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
+from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory  # noqa: E402
 from models.options import BUNDLED_ENHANCER  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -87,11 +87,6 @@ VARIANTS = [
 ]
 
 
-def pooled(img: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3 * p * p), as `models.memory.pooled_value`."""
-    return F.adaptive_avg_pool2d(img.float(), p).flatten(1)
-
-
 def high_tensor(fp: FrozenPass) -> torch.Tensor:
     return torch.from_numpy(fp.high).permute(2, 0, 1)[None].float() / 255
 
@@ -109,7 +104,7 @@ def crop_samples(fp: FrozenPass, crop: int, p: int, margin: int, rng: np.random.
     window = fp.latent[:, ly:ly + crop // s, lx:lx + crop // s].float().flatten(1)
     query = F.normalize(torch.cat([window.mean(1), window.std(1, unbiased=False)]), dim=0)
     patch = torch.from_numpy(fp.high[y0:y0 + crop, x0:x0 + crop]).permute(2, 0, 1)[None].float() / 255
-    value = pooled(patch, p)[0]
+    value = pooled_value(patch, p)[0]
     return query, value
 
 
@@ -120,7 +115,7 @@ def fill(variant: Variant, passes: list[FrozenPass], margin: int, seed: int,
     p = variant.pooling_size
     if variant.entries == "images":
         queries = describe_passes(passes, variant.query)
-        values = torch.cat([pooled(high_tensor(fp), p) for fp in passes])
+        values = torch.cat([pooled_value(high_tensor(fp), p) for fp in passes])
         epochs = [(queries, values, torch.arange(len(passes)))]
     elif variant.entries == "crops":
         if variant.query != "enhancer":
@@ -172,9 +167,9 @@ def run_variant(variant: Variant, passes: list[FrozenPass], folds: np.ndarray, m
         train = [passes[i] for i in range(len(passes)) if folds[i] != f]
         strength = 1.0 if bound == "oracle_full" else variant.strength
         if bound in ("oracle", "oracle_full"):
-            recalled = [pooled(high_tensor(passes[i]), variant.pooling_size)[0] for i in held]
+            recalled = [pooled_value(high_tensor(passes[i]), variant.pooling_size)[0] for i in held]
         elif bound == "constant":
-            mean = torch.cat([pooled(high_tensor(fp), variant.pooling_size) for fp in train]).mean(0)
+            mean = torch.cat([pooled_value(high_tensor(fp), variant.pooling_size) for fp in train]).mean(0)
             recalled = [mean] * len(held)
         else:
             memory = fill(variant, train, margin, seed + f)
