@@ -37,7 +37,7 @@ from models.options import (
     check_border_margin,
     writable_dir,
 )
-from models.refiner import MemoryRefiner, build_refiner
+from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
@@ -163,9 +163,7 @@ def main(args: argparse.Namespace) -> None:
     refiner = None
     if args.mem_weights:
         memory, mem_ckpt = load_memory(args.mem_weights)
-        refiner = build_refiner(memory, mem_ckpt, args.mem_weights, model, args.query_encoder,
-                                args.query_weights, args.testing_top_k, args.pooling_mean,
-                                args.pooling_size, args.temperature, args.strength).to(device)
+        refiner = refiner_from_flags(memory, mem_ckpt, args, model).to(device)
     height, width = first.shape[:2]
     even_h, even_w = height // 2 * 2, width // 2 * 2  # FFmpeg's 4:2:0 encoders need even sizes
     if (even_h, even_w) != (height, width):

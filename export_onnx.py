@@ -43,7 +43,7 @@ from models.options import (
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
-from models.refiner import MemoryRefiner, build_refiner
+from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.atomic import atomic_write
 from utils.errors import UserError, run_cli
 
@@ -119,9 +119,7 @@ def export_refiner(args: argparse.Namespace, enhancer: EMNetEnhancer) -> MemoryR
     if memory.config.pooling_size != 1:
         raise UserError(f"memory {args.mem_weights} stores p = {memory.config.pooling_size} values; only "
                         "p = 1 memories can be exported (ONNX has no adaptive pooling for dynamic sizes)")
-    refiner = build_refiner(memory, ckpt, args.mem_weights, enhancer, args.query_encoder, args.query_weights,
-                            args.testing_top_k, args.pooling_mean, args.pooling_size, args.temperature,
-                            args.strength)
+    refiner = refiner_from_flags(memory, ckpt, args, enhancer)
     refiner.memory = written_slots(memory, args.mem_weights)
     refiner.top_k = min(refiner.top_k, refiner.memory.config.mem_size)
     return refiner

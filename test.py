@@ -29,7 +29,7 @@ from models.options import (
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
-from models.refiner import build_refiner
+from models.refiner import refiner_from_flags
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.pictures import write_pictures
@@ -85,9 +85,7 @@ def main(args: argparse.Namespace) -> None:
                     checkpoint_epoch=ckpt.get("epoch"))
     refiner = None
     if memory is not None:
-        refiner = build_refiner(memory, mem_ckpt, args.mem_weights, model, args.query_encoder,
-                                args.query_weights, args.testing_top_k, args.pooling_mean,
-                                args.pooling_size, args.temperature, args.strength).to(device)
+        refiner = refiner_from_flags(memory, mem_ckpt, args, model).to(device)
         meta.update(mem_weights=str(args.mem_weights), query_encoder=mem_ckpt["query_encoder"],
                     testing_top_k=refiner.top_k, temperature=refiner.temperature,
                     strength=refiner.strength if refiner.strength is not None else "release",

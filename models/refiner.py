@@ -114,3 +114,12 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
     if read["temperature"] <= 0:
         raise UserError(f"--temperature {read['temperature']} must be positive")
     return MemoryRefiner(encoder, memory, head, **read).eval()
+
+
+def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
+                       enhancer: EMNetEnhancer | None) -> MemoryRefiner:
+    """`build_refiner` for the memory `args.mem_weights` with the flags of
+    `models.options.add_memory_args`, as every script that reads a memory takes them."""
+    return build_refiner(memory, ckpt, args.mem_weights, enhancer, args.query_encoder, args.query_weights,
+                         args.testing_top_k, args.pooling_mean, args.pooling_size, args.temperature,
+                         args.strength)
