@@ -32,6 +32,7 @@ from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import refiner_from_flags
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
+from utils.perceptual import LPIPS_CONVENTION, build_lpips
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
 
@@ -55,6 +56,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_memory", type=float, default=None,
                    help="memory budget of one forward in GB: larger photos run in exact row strips "
                         "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
+    p.add_argument("--lpips", action="store_true",
+                   help="also score LPIPS v0.1 (AlexNet; lower is better): ori_lpips / mem_lpips columns")
+    p.add_argument("--lpips_alexnet", default=None,
+                   help="torchvision's alexnet-owt-7be5be79.pth for --lpips; default: the torch hub "
+                        "cache, downloaded once")
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bf16 autocast for the networks (fast on recent GPUs; scores move by ~0.01 dB)")
     add_enhancer_args(p, defaults_from_checkpoint=True)
@@ -75,6 +81,7 @@ def main(args: argparse.Namespace) -> None:
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
     if enhanced is not None and not args.mem_weights:
         raise UserError("--enhanced_dir needs --mem_weights: the memory is what refines those images")
+    lpips = build_lpips(args.lpips_alexnet, "drop --lpips").to(device) if args.lpips else None
     result_dir = writable_dir(args.result_dir, "--result_dir")
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     model, meta = None, {"input_dir": str(args.input_dir)}
@@ -94,11 +101,15 @@ def main(args: argparse.Namespace) -> None:
         meta["enhanced_dir"] = str(args.enhanced_dir)
     stages = ["ori", "mem"] if refiner is not None else ["ori"]
     out = {s: writable_dir(result_dir / s, "--result_dir") if args.save_images else None for s in stages}
-    columns = [f"{s}_{m}" for s in stages for m in METRICS] if pairs[0].high is not None else []
+    metrics = [*METRICS, "lpips"] if lpips is not None else list(METRICS)
+    columns = [f"{s}_{m}" for s in stages for m in metrics] if pairs[0].high is not None else []
+    if lpips is not None:
+        meta["lpips_convention"] = LPIPS_CONVENTION
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
         rows = evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced,
-                              ori_dir=out["ori"], mem_dir=out.get("mem"), margin=args.border_margin)
+                              ori_dir=out["ori"], mem_dir=out.get("mem"), margin=args.border_margin,
+                              lpips=lpips)
     seconds = time.perf_counter() - start
     meta.update(border_margin=args.border_margin, device=str(device), amp=args.amp, seconds=round(seconds, 2))
     summary = write_report(result_dir, rows, columns, meta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -20,18 +21,25 @@ from utils.image_io import image_to_tensor, is_image_file, read_image, tensor_to
 from utils.report import score
 
 
-def _scored(row: dict[str, Any], prefix: str, out8, high) -> None:
-    if high is not None:
-        row.update({f"{prefix}{k}": v for k, v in score(out8, to_uint8(high)).items()})
+def _scored(row: dict[str, Any], prefix: str, out8, high, lpips: nn.Module | None, device: torch.device) -> None:
+    if high is None:
+        return
+    high8 = to_uint8(high)
+    row.update({f"{prefix}{k}": v for k, v in score(out8, high8).items()})
+    if lpips is not None:  # on the rounded 8-bit images, as saved
+        pred, gt = (image_to_tensor(im.astype(np.float32) / 255.0).to(device) for im in (out8, high8))
+        with torch.autocast(device.type, enabled=False):  # a metric: float32 even under --amp
+            row[f"{prefix}lpips"] = float(lpips(pred, gt))
 
 
 @torch.no_grad()
 def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: torch.device, *,
                    refiner: nn.Module | None = None, enhanced: dict[str, Path] | None = None,
                    ori_dir: Path | None = None, mem_dir: Path | None = None,
-                   progress: bool = True, margin: int = BORDER_MARGIN) -> list[dict[str, Any]]:
+                   progress: bool = True, margin: int = BORDER_MARGIN,
+                   lpips: nn.Module | None = None) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
-    `mem_...` with a `refiner`).
+    `mem_...` with a `refiner`; `..._lpips` with an `lpips` model, `utils.perceptual.LPIPS`).
 
     `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
@@ -55,12 +63,12 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
             y = enhance(enhancer, x, margin)
         ori8 = to_uint8(tensor_to_image(y))
         row: dict[str, Any] = {"name": pair.name}
-        _scored(row, "ori_", ori8, high)
+        _scored(row, "ori_", ori8, high, lpips, device)
         if ori_dir is not None:
             write_image(ori_dir / f"{pair.name}.png", ori8)
         if refiner is not None:
             mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
-            _scored(row, "mem_", mem8, high)
+            _scored(row, "mem_", mem8, high, lpips, device)
             if mem_dir is not None:
                 write_image(mem_dir / f"{pair.name}.png", mem8)
         rows.append(row)

@@ -59,10 +59,10 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                         "default: as stored in the memory")
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
                    help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
-                        "or resnet18 (the original; needs --query_weights or the torch hub cache); "
+                        "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, the torch hub cache or a download); "
                         "training default enhancer, test default from the memory")
     p.add_argument("--query_weights", default=None,
-                   help="torchvision resnet18 state_dict for --query_encoder resnet18")
+                   help="torchvision resnet18 state_dict for --query_encoder resnet18; default: the torch hub cache, downloaded once")
 
 
 def add_border_arg(p: argparse.ArgumentParser) -> None:

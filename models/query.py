@@ -5,7 +5,8 @@
 - `enhancer_levels`: the same statistics of all four encoder levels, each level's part
   L2-normalised so that every level weighs alike, 30 * C values.
 - `resnet18`: the original release's frozen ImageNet ResNet-18 without its classifier (512-d), on
-  the ImageNet-normalised input; its weights come from a local file, never a download.
+  the ImageNet-normalised input; torchvision's weights (`--query_weights`, the hub cache, or a
+  download into it, see `utils.pretrained`).
 The enhancer descriptors are made from the features of the enhancer pass that produces the
 output (`describe_features`), so the memory costs no second encoder pass.
 An optional learnable `QueryHead` maps any descriptor before it reaches the memory.
@@ -22,9 +23,9 @@ from models import fast
 from models.enhancer import EMNetEnhancer
 from models.inference import BORDER_MARGIN, pad_for_network
 from utils.errors import UserError
-from utils.local_weights import find_local_weights
+from utils.pretrained import pretrained_state_dict
 
-RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # ResNet18_Weights.IMAGENET1K_V1
 ENHANCER_DESCRIPTORS = {"enhancer": 16, "enhancer_levels": 30}  # name -> width in units of C
 QUERY_ENCODERS = (*ENHANCER_DESCRIPTORS, "resnet18")
 
@@ -96,30 +97,20 @@ class ResNet18Query(nn.Module):
         return F.normalize(self.net((x - self.mean) / self.std).float(), dim=1)
 
 
-def find_resnet18_weights(path: str | None) -> Path:
-    """The local ResNet-18 weights file (`--query_weights` or the torch hub cache)."""
-    return find_local_weights(path, RESNET18_FILE, "--query_encoder resnet18", "ResNet-18", "--query_weights",
-                              "use --query_encoder enhancer")
-
-
 def build_query_encoder(name: str, enhancer: EMNetEnhancer | None, weights: str | None) -> nn.Module:
-    """The frozen query encoder `name`; `enhancer` is needed for name == 'enhancer'."""
+    """The frozen query encoder `name`; `enhancer` is needed for the enhancer descriptors."""
     if name in ENHANCER_DESCRIPTORS:
         if enhancer is None:
             raise UserError(f"--query_encoder {name} needs the enhancer's --weights")
         return EnhancerQuery(enhancer, name)
     if name == "resnet18":
-        path = find_resnet18_weights(weights)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a damaged or foreign file
-            raise UserError(f"cannot load {path} ({type(err).__name__}): the file is corrupt or not a "
-                            "PyTorch state_dict; pass the file of torchvision.models.resnet18") from None
+        state = pretrained_state_dict(RESNET18_URL, weights, "ResNet-18", "--query_encoder resnet18",
+                                      "--query_weights", "use --query_encoder enhancer_levels")
         try:
             return ResNet18Query(state)
         except (RuntimeError, KeyError, TypeError) as err:
-            raise UserError(f"{path} is not a torchvision resnet18 state_dict ({type(err).__name__}); "
-                            "pass the file of torchvision.models.resnet18") from None
+            raise UserError(f"{weights or Path(RESNET18_URL).name} is not a torchvision resnet18 state_dict "
+                            f"({type(err).__name__}); pass the file of torchvision.models.resnet18") from None
     raise UserError(f"unknown --query_encoder {name!r}; choose one of {QUERY_ENCODERS}")
 
 

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -19,6 +20,10 @@ if str(REPO) not in sys.path:
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.loading import ENHANCER_FORMAT  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
+
+# The suite never downloads (ImageNet backbones come from random-weight local files); passed on
+# to subprocesses through the environment.
+os.environ["EMNET_NO_DOWNLOAD"] = "1"
 
 # Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -131,3 +136,24 @@ def make_checkpoint(tmp_path):
         return path, model
 
     return make
+
+
+def published_memory(path: Path, n: int, width: int, key_dim: int = 512, seed: int = 0) -> Path:
+    """The original release's memory file: only epoch and the four banks."""
+    g = torch.Generator().manual_seed(seed)
+    torch.save({"epoch": 10, "mem_key": F.normalize(torch.randn(n, key_dim, generator=g), dim=1),
+                "mem_vale": torch.rand(n, width, generator=g), "mem_age": torch.zeros(n),
+                "mem_index": torch.full((n,), -1, dtype=torch.long)}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet_file(tmp_path_factory) -> Path:
+    """A random-weight torchvision resnet18() state_dict (the ImageNet file's layout)."""
+    from torchvision.models import resnet18
+
+    path = tmp_path_factory.mktemp("resnet") / "resnet18_random.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(6)
+        torch.save(resnet18(weights=None).state_dict(), path)
+    return path

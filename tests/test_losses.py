@@ -1,6 +1,5 @@
 """utils.losses: the differentiable SSIM against scikit-image, EnhancementLoss's weighting, and
-the frozen LPIPS(AlexNet) built from local files only (random AlexNet weights here: the ImageNet
-file is not on the test machines)."""
+the frozen LPIPS(AlexNet) (random AlexNet weights from local files here: the suite never downloads)."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +14,8 @@ from skimage.metrics import structural_similarity
 
 import utils.losses as losses
 from utils.errors import UserError
-from utils.losses import ALEXNET_FILE, LPIPS, EnhancementLoss, build_lpips, find_alexnet_weights, ssim_map_mean
+from utils.losses import EnhancementLoss, ssim_map_mean
+from utils.perceptual import ALEXNET_FILE, LPIPS, build_lpips
 
 
 def to_bchw(img: np.ndarray, dtype=torch.float64) -> torch.Tensor:
@@ -175,38 +175,10 @@ def test_lpips_matches_the_lpips_package(lpips_model):
     assert float(lpips_model(x, y)) == pytest.approx(expected, rel=1e-4)
 
 
-def test_find_alexnet_weights_reports_the_missing_path(tmp_path, monkeypatch):
-    """Without --lpips_alexnet and with an empty torch hub cache, a UserError names the expected
-    file's full path and the offline way out (--lpips_lambda 0); nothing is downloaded."""
-    home = tmp_path / "torch_home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
-    expected = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-    assert str(expected).startswith(str(home))
-    with pytest.raises(UserError) as err:
-        find_alexnet_weights(None)
-    assert str(expected) in str(err.value)
-    assert "--lpips_lambda 0" in str(err.value)
-    assert not any(p.is_file() for p in home.rglob("*"))  # nothing was downloaded
-    with pytest.raises(UserError, match="nope.pth"):
-        find_alexnet_weights(str(tmp_path / "nope.pth"))
-
-
-def test_find_alexnet_weights_uses_the_hub_cache(tmp_path, monkeypatch):
-    """A file at TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth is found without a flag."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
-    path = tmp_path / "hub" / "checkpoints" / ALEXNET_FILE
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"x")
-    assert find_alexnet_weights(None) == path
-
-
 def test_build_lpips_from_a_local_file(alexnet_file):
     """build_lpips(path) loads a torchvision AlexNet state_dict and the lpips linear weights."""
     lpips_linear_file()
-    model = build_lpips(str(alexnet_file))
+    model = build_lpips(str(alexnet_file), "train without it")
     assert isinstance(model, LPIPS)
     x, y = rand_batch(6), rand_batch(7)
     assert float(model(x, x)) == 0.0 and float(model(x, y)) > 0

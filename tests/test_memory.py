@@ -19,13 +19,13 @@ import torch.nn.functional as F
 import yaml
 from test_test_cli import assert_user_error, read_csv
 
-from conftest import random_enhancer, run_repo, write_png
+from conftest import published_memory, random_enhancer, run_repo, write_png
 from models.enhancer import EMNetEnhancer, make_config
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.query import (
-    RESNET18_FILE,
+    RESNET18_URL,
     EnhancerQuery,
     QueryHead,
     ResNet18Query,
@@ -379,17 +379,6 @@ def test_enhancer_query():
     assert not torch.allclose(q[0], q[1], atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def resnet_file(tmp_path_factory) -> Path:
-    """A random-weight torchvision resnet18() state_dict (the ImageNet file's layout)."""
-    from torchvision.models import resnet18
-
-    path = tmp_path_factory.mktemp("resnet") / "resnet18_random.pth"
-    torch.manual_seed(6)
-    torch.save(resnet18(weights=None).state_dict(), path)
-    return path
-
-
 @pytest.fixture
 def empty_torch_home(tmp_path, monkeypatch) -> Path:
     """TORCH_HOME and the torch hub folder pointed at an empty folder (restored afterwards)."""
@@ -407,7 +396,7 @@ def test_resnet18_without_weights_is_user_error(empty_torch_home):
     --query_weights (never a download)."""
     with pytest.raises(UserError) as err:
         build_query_encoder("resnet18", None, None)
-    expected = empty_torch_home / "hub" / "checkpoints" / RESNET18_FILE
+    expected = empty_torch_home / "hub" / "checkpoints" / Path(RESNET18_URL).name
     assert str(expected) in str(err.value) and "--query_weights" in str(err.value)
 
 
@@ -427,7 +416,7 @@ def test_resnet18_query(resnet_file, empty_torch_home):
     assert torch.allclose(enc(x), q, atol=1e-6)  # BatchNorm still uses running statistics
     cache = empty_torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    (cache / RESNET18_FILE).symlink_to(resnet_file)
+    (cache / Path(RESNET18_URL).name).symlink_to(resnet_file)
     assert torch.allclose(build_query_encoder("resnet18", None, None)(x), q, atol=1e-6)
 
 
@@ -496,15 +485,6 @@ def test_memory_checkpoint_round_trip(tmp_path, with_head):
         assert torch.equal(refiner.head.proj.weight, head.proj.weight)
     else:
         assert ckpt["head_state_dict"] is None and refiner.head is None
-
-
-def published_memory(path: Path, n: int, width: int, key_dim: int = 512, seed: int = 0) -> Path:
-    """The original release's memory file: only epoch and the four banks."""
-    g = torch.Generator().manual_seed(seed)
-    torch.save({"epoch": 10, "mem_key": F.normalize(torch.randn(n, key_dim, generator=g), dim=1),
-                "mem_vale": torch.rand(n, width, generator=g), "mem_age": torch.zeros(n),
-                "mem_index": torch.full((n,), -1, dtype=torch.long)}, path)
-    return path
 
 
 @pytest.mark.parametrize("width,p", [(3, 1), (12, 2)])
@@ -791,7 +771,7 @@ def test_published_memory_with_resnet18_through_test_py(setup, resnet_file, tmp_
     proc = run_py("test.py", "--weights", setup["weights"], "--input_dir", setup["val"],
                   "--mem_weights", mem_file, "--result_dir", tmp_path / "r2", "--device", "cpu",
                   env_extra={"TORCH_HOME": str(home)})
-    error = assert_user_error(proc, home / "hub" / "checkpoints" / RESNET18_FILE)
+    error = assert_user_error(proc, home / "hub" / "checkpoints" / Path(RESNET18_URL).name)
     assert "--query_weights" in error
 
 

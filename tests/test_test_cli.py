@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_repo, write_png
 from models.inference import enhance
@@ -303,3 +304,67 @@ def test_enhancer_file_as_memory_is_refused(small_input, make_checkpoint, tmp_pa
                        "--mem_weights", weights)
     assert_user_error(proc, weights)
     assert "not an external-memory checkpoint" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- --lpips
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory) -> Path:
+    """A random-weight torchvision alexnet() state_dict (the ImageNet file's layout)."""
+    from torchvision.models import alexnet
+
+    path = tmp_path_factory.mktemp("alexnet") / "alexnet_random.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        torch.save(alexnet(weights=None).state_dict(), path)
+    return path
+
+
+def test_lpips_columns(make_pairs, make_checkpoint, alexnet_file, resnet_file, tmp_path):
+    """--lpips adds ori_lpips and mem_lpips to metrics.csv, summary.json (means, intervals, the
+    paired mem - ori interval, the convention) and the printed table; each value is LPIPS of the
+    saved 8-bit image against its ground truth."""
+    pytest.importorskip("lpips")
+    from conftest import published_memory
+    from utils.perceptual import LPIPS_CONVENTION, build_lpips
+
+    data = make_pairs(names=("1", "2", "3"), size=(64, 72))
+    weights, _ = make_checkpoint()
+    memory = published_memory(tmp_path / "memory.pth", 40, 3)
+    result = tmp_path / "r"
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", result, "--save_images",
+                       "--mem_weights", memory, "--query_weights", resnet_file,
+                       "--lpips", "--lpips_alexnet", alexnet_file)
+    assert proc.returncode == 0, proc.stderr
+    lpips_cols = ["ori_lpips", "mem_lpips"]
+    fields, rows = read_csv(result / "metrics.csv")
+    assert set(lpips_cols) <= set(fields)
+    lpips = build_lpips(str(alexnet_file), "")
+    for r in rows:
+        gt = image_to_tensor(read_image(data / "high" / f"{r['name']}.png"))
+        for stage in ("ori", "mem"):
+            out = image_to_tensor(read_image(result / stage / f"{r['name']}.png"))
+            assert float(r[f"{stage}_lpips"]) == pytest.approx(float(lpips(out, gt)), rel=1e-5, abs=1e-7)
+    summary = json.loads((result / "summary.json").read_text())
+    assert summary["lpips_convention"] == LPIPS_CONVENTION
+    for c in lpips_cols:
+        assert summary["mean"][c] == pytest.approx(np.mean([float(r[c]) for r in rows]), rel=1e-9)
+        lo, hi = summary["ci95"][c]
+        assert lo <= summary["mean"][c] <= hi
+    assert "mem_minus_ori_lpips" in summary["ci95"]
+    assert "ori_lpips" in proc.stdout and "mem - ori LPIPS" in proc.stdout
+
+
+def test_lpips_without_weights_offline(small_input, make_checkpoint, tmp_path):
+    """--lpips with no AlexNet file and nothing in the torch hub cache, downloads forbidden: one
+    line naming the URL, where to save the file and --lpips_alexnet; exit 2, nothing written."""
+    weights, _ = make_checkpoint()
+    home = tmp_path / "home"
+    home.mkdir()
+    result = tmp_path / "r"
+    proc = run_repo("test.py", "--weights", weights, "--input_dir", small_input, "--result_dir", result,
+                    "--lpips", env_extra={"TORCH_HOME": str(home), "EMNET_NO_DOWNLOAD": "1"})
+    error = assert_user_error(proc, "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")
+    assert str(home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in error
+    assert "--lpips_alexnet" in error and "drop --lpips" in error
+    assert not result.exists()

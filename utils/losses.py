@@ -1,21 +1,17 @@
 """Training losses: L1, L2, SSIM (differentiable) and LPIPS(AlexNet), combined by weights.
 
-The published recipe is 1 * (1 - SSIM) + 1 * LPIPS on the clamped output. LPIPS needs ImageNet
-AlexNet weights, which are never downloaded here: they come from `--lpips_alexnet PATH` or the
-torch hub cache; the LPIPS v0.1 linear weights come from the `lpips` package's files.
+The published recipe is 1 * (1 - SSIM) + 1 * LPIPS on the clamped output. LPIPS
+(`utils.perceptual`) needs torchvision's ImageNet AlexNet: `--lpips_alexnet PATH`, the torch hub
+cache, or a download into it.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
-from utils.local_weights import find_local_weights
-
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1
+from utils.perceptual import build_lpips
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -39,71 +35,7 @@ def ssim_map_mean(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> 
     return s.mean()
 
 
-class LPIPS(nn.Module):
-    """LPIPS v0.1 with an AlexNet backbone (Zhang et al., CVPR 2018), frozen; inputs in [0, 1].
-
-    Distance = sum over five ReLU taps of the spatial mean of a learned 1x1 weighting of the
-    squared difference of channel-normalised features.
-    """
-
-    TAPS = (1, 4, 7, 9, 11)  # indices of the ReLUs in torchvision's alexnet().features
-
-    def __init__(self, alexnet_state: dict[str, torch.Tensor], linear_state: dict[str, torch.Tensor]):
-        super().__init__()
-        from torchvision.models import alexnet
-
-        net = alexnet(weights=None)
-        net.load_state_dict(alexnet_state)
-        self.features = net.features[: self.TAPS[-1] + 1]
-        self.lins = nn.ModuleList()
-        for i, ch in enumerate((64, 192, 384, 256, 256)):
-            lin = nn.Conv2d(ch, 1, 1, bias=False)
-            lin.weight.data.copy_(linear_state[f"lin{i}.model.1.weight"])
-            self.lins.append(lin)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)  # always frozen
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = ((2 * x - 1) - self.shift) / self.scale
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x) if not isinstance(layer, nn.ReLU) else F.relu(x)
-            if i in self.TAPS:
-                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return out
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        dist = x.new_zeros(())
-        for lin, fx, fy in zip(self.lins, self._taps(x), self._taps(y)):
-            dist = dist + lin((fx - fy) ** 2).mean()
-        return dist
-
-
-def _lpips_linear_file() -> Path:
-    try:
-        import lpips  # only for the file of linear weights it ships
-    except ImportError:
-        raise UserError("LPIPS needs the `lpips` package for its linear weights: pip install lpips, "
-                        "or train with --lpips_lambda 0") from None
-    return Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
-
-
-def find_alexnet_weights(path: str | None) -> Path:
-    """The local AlexNet weights file (`--lpips_alexnet` or the torch hub cache)."""
-    return find_local_weights(path, ALEXNET_FILE, "LPIPS", "AlexNet", "--lpips_alexnet",
-                              "train offline with --lpips_lambda 0 --l1_lambda 1 (see README)")
-
-
-def build_lpips(alexnet_path: str | None) -> LPIPS:
-    """LPIPS from local files only."""
-    alex = torch.load(find_alexnet_weights(alexnet_path), map_location="cpu", weights_only=True)
-    lin = torch.load(_lpips_linear_file(), map_location="cpu", weights_only=True)
-    return LPIPS(alex, lin)
+OFFLINE_RECIPE = "train without it: --lpips_lambda 0 --l1_lambda 1 (see README)"
 
 
 class EnhancementLoss(nn.Module):
@@ -118,7 +50,7 @@ class EnhancementLoss(nn.Module):
                             "--ssim_lambda --lpips_lambda")
         self.weights = {"l1": l1, "l2": l2, "ssim": ssim, "lpips": lpips}
         self.data_range = data_range
-        self.lpips = build_lpips(lpips_alexnet) if lpips > 0 else None
+        self.lpips = build_lpips(lpips_alexnet, OFFLINE_RECIPE) if lpips > 0 else None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         pred, target = pred.float(), target.float()

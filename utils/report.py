@@ -15,6 +15,7 @@ from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
 from utils.stats import RESAMPLES, bootstrap_ci
 
 METRICS = ("psnr", "ssim", "gt_mean_psnr")
+PAIRED = ("psnr", "ssim", "lpips")  # metrics whose mem - ori difference gets a paired interval
 CI_METHOD = (f"percentile bootstrap over images, {RESAMPLES} resamples, seed 0; mem_minus_ori_* pair "
              "each image's mem and ori scores")
 
@@ -32,13 +33,13 @@ def mean_scores(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, flo
 
 def intervals(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list[float]]:
     """95% bootstrap intervals (`utils.stats.bootstrap_ci`) of every mean column and, where both
-    stages were scored, of the paired mem - ori differences `mem_minus_ori_psnr` / `_ssim`."""
+    stages were scored, of the paired mem - ori differences `mem_minus_ori_<psnr|ssim|lpips>`."""
     out = {}
     for c in columns:
         values = [r[c] for r in rows if r.get(c) is not None]
         if values:
             out[c] = list(bootstrap_ci(values)[1:])
-    for metric in ("psnr", "ssim"):
+    for metric in PAIRED:
         pairs = [(r[f"mem_{metric}"], r[f"ori_{metric}"]) for r in rows
                  if r.get(f"mem_{metric}") is not None and r.get(f"ori_{metric}") is not None]
         if pairs:
@@ -60,10 +61,10 @@ def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str
         lines.append(f"{r['name']:<{width}}  " + "  ".join(f"{_fmt(r.get(c, '')):>14}" for c in columns))
     lines.append(f"{'mean':<{width}}  " + "  ".join(f"{_fmt(means.get(c, '')):>14}" for c in columns))
     if ci95:
-        digits = {c: 4 if "ssim" in c else 2 for c in columns}
+        digits = {c: 2 if "psnr" in c else 4 for c in columns}
         cells = [f"{ci95[c][0]:.{digits[c]}f}..{ci95[c][1]:.{digits[c]}f}" if c in ci95 else "" for c in columns]
         lines.append(f"{'95% CI':<{width}}  " + "  ".join(f"{cell:>14}" for cell in cells))
-        for metric in ("psnr", "ssim"):
+        for metric in PAIRED:
             key = f"mem_minus_ori_{metric}"
             if key in ci95:
                 diff = means[f"mem_{metric}"] - means[f"ori_{metric}"]
