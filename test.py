@@ -6,7 +6,7 @@ summary.json and result.txt (means). Without a high/ folder the images are only 
 --pictures also writes RESULT_DIR/strips/<name>.jpg (low | ori | mem | ground truth) and index.html.
 --enhanced_dir DIR takes another method's outputs instead of our enhancer (plug-and-play). Example:
     python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
-        --input_dir datasets/LOL-v1/eval15 --result_dir log_eval/lolv1 --save_images
+        --input_dir datasets/LOL-v1/eval15 --save_images     # -> log_eval/eval15/model_lolv1/
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from models.options import (
     add_enhancer_args,
     add_memory_args,
     check_border_margin,
+    default_result_dir,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
@@ -42,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
-    p.add_argument("--result_dir", default="./log_eval/lolv1", help="where results are written")
+    p.add_argument("--result_dir", default=None,
+                   help="where results are written; default log_eval/<input name>/<weights name>[+<memory name>]")
     p.add_argument("--weights", default=BUNDLED_ENHANCER,
                    help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
     p.add_argument("--mem_weights", default=None, help="external memory checkpoint: adds mem results")
@@ -82,7 +84,8 @@ def main(args: argparse.Namespace) -> None:
     if enhanced is not None and not args.mem_weights:
         raise UserError("--enhanced_dir needs --mem_weights: the memory is what refines those images")
     lpips = build_lpips(args.lpips_alexnet, "drop --lpips").to(device) if args.lpips else None
-    result_dir = writable_dir(args.result_dir, "--result_dir")
+    result_dir = writable_dir(args.result_dir or default_result_dir(
+        args.input_dir, args.enhanced_dir or args.weights, args.mem_weights), "--result_dir")
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     model, meta = None, {"input_dir": str(args.input_dir)}
     if enhanced is None or mem_ckpt.get("query_encoder") in ENHANCER_DESCRIPTORS:

@@ -12,7 +12,7 @@ MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_levels_mem
 QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
 TESTING_TOP_K=${TESTING_TOP_K:-}                    # empty: the read settings stored in the memory
 BORDER_MARGIN=${BORDER_MARGIN:-8}                   # reflected margin against a border frame; 0 = original code
-RESULT_DIR=${RESULT_DIR:-./log_eval/$(basename "$INPUT_DIR")}   # demo -> log_eval/demo, eval15 -> log_eval/eval15
+RESULT_DIR=${RESULT_DIR:-}                          # empty: log_eval/<input>/<weights>+<memory> (test.py)
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
 EMBED_DIM=${EMBED_DIM:-}                            # (published files: emnet_enhancer / 32)
 DEVICE=${DEVICE:-auto}
@@ -25,8 +25,8 @@ case "$INPUT_DIR" in   # the demo set is created on first use
     [ -d "$INPUT_DIR/low" ] || "$PYTHON" -m dataset.demo --out "$INPUT_DIR" || exit $? ;;
 esac
 
-set -- --input_dir "$INPUT_DIR" --result_dir "$RESULT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --pictures \
-  --border_margin "$BORDER_MARGIN"
+set -- --input_dir "$INPUT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --pictures --border_margin "$BORDER_MARGIN"
+[ -n "$RESULT_DIR" ] && set -- "$@" --result_dir "$RESULT_DIR"
 [ -n "$ARCH" ] && set -- "$@" --arch "$ARCH"
 [ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
 [ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS"

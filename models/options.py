@@ -84,6 +84,14 @@ def add_split_arg(p: argparse.ArgumentParser) -> None:
                         "given (a fixed rule on file names: see dataset/pairing.py)")
 
 
+def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: str | Path | None) -> Path:
+    """log_eval/<input name>/<weights or --enhanced_dir name>[+<memory name>]: runs of other
+    weights or memories on the same input never replace each other's results."""
+    run = Path(source).stem + (f"+{Path(mem_weights).stem}" if mem_weights else "")
+    given = Path(input_dir).resolve()
+    return Path("log_eval") / (given.stem if given.is_file() else given.name) / run
+
+
 def writable_dir(path: str | Path, flag: str) -> Path:
     """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise."""
     path = Path(path)

@@ -161,17 +161,19 @@ def script_run(tmp_path):
 
 
 def test_script_default_runs_the_demo(script_run):
-    """No settings: the demo set is created first, then test.py runs on it into log_eval/demo with
-    --pictures; a second run does not create the set again."""
+    """No settings: the demo set is created first, then test.py runs on it with --pictures and
+    its own default result folder (no --result_dir); a second run does not create the set again."""
     make, test = script_run()
     assert make == "-m dataset.demo --out ./datasets/demo"
-    assert test.startswith("test.py --input_dir ./datasets/demo --result_dir ./log_eval/demo ")
+    assert test.startswith("test.py --input_dir ./datasets/demo ") and "--result_dir" not in test
     assert "--pictures" in test.split() and "--mem_weights" in test.split()
     (only,) = script_run()
     assert only.startswith("test.py ")
 
 
 def test_script_lol_input(script_run):
-    """INPUT_DIR=.../eval15: no demo set, results in log_eval/eval15."""
+    """INPUT_DIR=.../eval15: no demo set; RESULT_DIR, when set, is passed on."""
     (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15")
-    assert test.startswith("test.py --input_dir /data/LOL-v1/eval15 --result_dir ./log_eval/eval15 ")
+    assert test.startswith("test.py --input_dir /data/LOL-v1/eval15 ") and "--result_dir" not in test
+    (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15", RESULT_DIR="/tmp/mine")
+    assert "--result_dir /tmp/mine" in test

@@ -368,3 +368,20 @@ def test_lpips_without_weights_offline(small_input, make_checkpoint, tmp_path):
     assert str(home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in error
     assert "--lpips_alexnet" in error and "drop --lpips" in error
     assert not result.exists()
+
+
+def test_default_result_dir_depends_on_input_weights_and_memory(tmp_path):
+    """Without --result_dir: log_eval/<input name>/<weights name>[+<memory name>], so the CPU
+    model run after the default (or ori-only after ori+mem) never replaces the first results."""
+    from models.options import default_result_dir
+
+    eval15 = tmp_path / "LOL.v1" / "eval15"
+    eval15.mkdir(parents=True)
+    photo = write_png(tmp_path / "photo.v2.png", np.zeros((8, 8, 3), np.uint8))
+    default = default_result_dir(eval15, "pre/big.pth", "mem/levels_memory.pth")
+    assert default == Path("log_eval/eval15/big+levels_memory")
+    others = {default_result_dir(eval15, "pre/small.pth", "mem/levels_memory.pth"),
+              default_result_dir(eval15, "pre/big.pth", None), default_result_dir(eval15.parent, "pre/big.pth", None)}
+    assert len(others | {default}) == 4
+    assert default_result_dir(photo, "w.pth", None) == Path("log_eval/photo.v2/w")
+    assert default_result_dir(f"{eval15}/", "w.pth", None) == Path("log_eval/eval15/w")
