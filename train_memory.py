@@ -60,12 +60,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_enhancer_args(g, defaults_from_checkpoint=True)
     add_border_arg(g)
     g = p.add_argument_group("data")
-    g.add_argument("--train_dir", default="./datasets/LOL-v1/our485")
+    g.add_argument("--train_dir", default="./datasets/LOL-v1/our485", help="training pairs (low/, high/)")
     g.add_argument("--val_dir", default=None, help="default: the split held out of --train_dir")
     add_split_arg(g)
     g.add_argument("--train_ps", type=int, default=128, help="training crop size")
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--train_workers", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=128, help="samples per memory update")
+    g.add_argument("--train_workers", type=int, default=0, help="DataLoader worker processes for crop entries")
     g = p.add_argument_group("memory")
     add_memory_build_args(g)
     add_memory_args(g)
@@ -84,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
     g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
     add_device_arg(g)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
     return p
 
 
