@@ -3,6 +3,7 @@
 - `policy.py` decides, per input, which implementation runs (device, dtype, gradients, the
   `EMNET_CPU_KERNELS` switch, the memory budget of `budget.py`);
 - `kernels.py` builds and loads the C kernels (and wraps oneDNN's product);
+- `heap.py` returns freed memory to the OS when the input size changes;
 - `ops.py` and `blocks.py` compute the transformer block channels-last;
 - `unet.py` holds the U-Net wiring once, followed on whole maps (`unet.WholeMaps`) or over row
   strips (`strips.RowStrips`).
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from models.enhancer import EMNetEnhancer
-from models.fast import unet
+from models.fast import heap, unet
 from models.fast.ops import to_nchw, to_nhwc
 from models.fast.policy import Plan, plan_for
 from models.fast.strips import RowStrips
@@ -28,6 +29,8 @@ def _runner(plan: Plan):
 def forward_features(model: EMNetEnhancer, x: torch.Tensor, plan: Plan | None = None) -> list[torch.Tensor]:
     """`model.forward_features(x)`, fast: (B, C_l, h, w) views of channels-last maps."""
     plan = plan or plan_for(model, x)
+    if x.device.type == "cpu" and not plan.grad:
+        heap.settle(tuple(x.shape))
     return [to_nchw(f) for f in unet.features(model, x, _runner(plan))]
 
 
