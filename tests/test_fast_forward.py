@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_enhancer
 from models import fast
-from models.enhancer import GDFN, EMNetEnhancer
+from models.enhancer import GDFN, EMNetEnhancer, make_config
 from models.fast import kernels, strips
 from models.fast.blocks import block, gdfn_weights
 from models.fast.policy import Plan, plan_for
@@ -150,3 +150,36 @@ def test_row_spans_cover_the_image_in_even_strips():
     assert [r for a, b in spans for r in range(a, b)] == list(range(37))
     assert all((b - a) % 2 == 0 for a, b in spans[:-1])
     assert strips.MAPPED_BYTES > 0
+
+
+def test_cpu_budget_counts_the_process_baseline_once(monkeypatch):
+    """On the CPU the budget bounds the process: the memory held before the first forward is taken
+    off it, measured once (memory the heap keeps after a forward does not shrink later budgets)."""
+    from models.fast import budget
+
+    cpu = torch.device("cpu")
+    resident = iter([2**30, 3 * 2**30])
+    monkeypatch.setattr(budget, "_resident_bytes", lambda: next(resident))
+    monkeypatch.setattr(budget, "_baseline_bytes", None)
+    budget.set_max_memory(3)
+    try:
+        assert budget.budget_bytes(cpu) == 2 * 2**30
+        assert budget.budget_bytes(cpu) == 2 * 2**30
+        budget.set_max_memory(0.5)
+        assert budget.budget_bytes(cpu) == 0
+    finally:
+        budget.set_max_memory(None)
+
+
+def test_budget_picks_whole_maps_or_strips_by_measured_costs(monkeypatch):
+    """With 3 GB for the forward, a 616x416 input at C = 32 runs whole (the default command's
+    speed), a 1040x784 one in strips whose held maps and strip fit the 3 GB."""
+    from models.fast import budget
+
+    monkeypatch.setattr(budget, "budget_bytes", lambda device: 3 * 2**30)
+    model = EMNetEnhancer(make_config("emnet_enhancer", 32))
+    assert budget.plan_strips(model, torch.empty(1, 3, 416, 616)) is None
+    strip = budget.plan_strips(model, torch.empty(1, 3, 784, 1040))
+    assert strip is not None
+    held = budget.HELD_BYTES * 32 * 784 * 1040
+    assert held + budget.STRIP_BYTES * 32 * strip <= 3 * 2**30 + budget.STRIP_BYTES * 32

@@ -1,12 +1,15 @@
 """A memory budget for inference: whole-image maps or row strips, and how tall the strips are.
 
 The fast forward's peak memory grows with the pixels and the embedding width C. Measured on the
-2-core CPU (peak RSS minus the ~0.5 GB a process holds before the forward, README "Speed"):
-- whole image: ~400 * C bytes per pixel (12.8 kB at the published C = 32);
-- row strips: the block inputs/outputs and skip maps held whole, ~45 * C bytes per pixel, plus
-  the whole-image cost of one strip.
+2-core CPU with the published weights (peak RSS minus the RSS before the forward, 2026-11-29):
+- whole image: 207 bytes per pixel and channel of C (616x416 and 1032x776 alike); WHOLE_BYTES
+  keeps a margin;
+- row strips: the block inputs/outputs and skip maps held whole, 37 bytes per pixel and C, plus
+  284 bytes per strip pixel and C (1032x776 at 2^15 and 2^17 strip pixels).
 The budget is `--max_memory` GB (`set_max_memory`), else `EMNET_MAX_MEMORY_GB`, else on the CPU
-min(4 GB, half the memory available), on CUDA 80 % of the free device memory.
+min(4 GB, half the memory available), on CUDA 80 % of the free device memory. On the CPU it bounds
+the whole process: what the process held before its first forward (PyTorch, the weights: ~0.8 GB)
+is taken off it.
 """
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import os
 import torch
 from torch import nn
 
-WHOLE_BYTES = 400  # per pixel and channel of C, whole-image forward
+WHOLE_BYTES = 240  # per pixel and channel of C, whole-image forward
 HELD_BYTES = 45  # per pixel and channel of C, maps held whole by the strip runner
+STRIP_BYTES = 320  # per strip pixel and channel of C
 MIN_STRIP, MAX_STRIP = 2 ** 14, 2 ** 20  # pixels per strip
 CPU_DEFAULT_GB = 4.0
 
 _max_memory_gb: float | None = None
+_baseline_bytes: int | None = None  # resident memory before the first CPU forward
 
 
 def set_max_memory(gb: float | None) -> None:
@@ -42,17 +47,29 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def budget_bytes(device: torch.device) -> float:
     """The memory the forward of one batch may use on `device`."""
+    global _baseline_bytes
     gb = _max_memory_gb if _max_memory_gb is not None else float(os.environ.get("EMNET_MAX_MEMORY_GB", 0) or 0)
-    if gb:
-        return gb * 2 ** 30
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.8 * free
-    available = _available_bytes()
-    default = CPU_DEFAULT_GB * 2 ** 30
-    return min(default, available / 2) if available else default
+        return gb * 2 ** 30 if gb else 0.8 * torch.cuda.mem_get_info(device)[0]
+    if gb:
+        total = gb * 2 ** 30
+    else:
+        available = _available_bytes()
+        total = min(CPU_DEFAULT_GB * 2 ** 30, available / 2) if available else CPU_DEFAULT_GB * 2 ** 30
+    if _baseline_bytes is None:  # measured once: later, freed forward memory kept by the heap would count
+        _baseline_bytes = _resident_bytes()
+    return max(total - _baseline_bytes, 0.0)
 
 
 def plan_strips(model: nn.Module, x: torch.Tensor) -> int | None:
@@ -64,4 +81,4 @@ def plan_strips(model: nn.Module, x: torch.Tensor) -> int | None:
     if WHOLE_BYTES * c * pixels <= budget:
         return None
     spare = budget - HELD_BYTES * c * pixels
-    return int(min(max(spare / (WHOLE_BYTES * c), MIN_STRIP), MAX_STRIP))
+    return int(min(max(spare / (STRIP_BYTES * c), MIN_STRIP), MAX_STRIP))
