@@ -5,6 +5,11 @@ train.log, tensorboard/ and (with --img_vision) results/. Defaults are the publi
 (EMNET.md, "Training as published"). `model_best.pth` is chosen on a validation split held out of
 the training pairs (or --val_dir), never on the test set. Resume with --resume.
 
+On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the
+loss back only at log steps. --time_budget MINUTES replaces the epoch count: the run times its
+first steps and fixes its length so that the warm-up and the cosine end within the budget;
+--stop_after_minutes splits a budget over several calls (--resume continues the same schedule).
+
 Several GPUs: torchrun --nproc_per_node N train_enhancer.py ... (DistributedDataParallel).
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from dataset.device_crops import DeviceCrops
 from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
@@ -30,7 +36,7 @@ from models.fast import FastForward
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
 from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
-from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
+from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
@@ -38,14 +44,21 @@ from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.report import mean_scores
 from utils.run_log import RunLog
-from utils.schedule import warmup_cosine
+from utils.schedule import fix_budget, last_iteration, schedule_plan, warmup_cosine
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
-
-MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+from utils.training import (
+    BUDGET_TIMED_STEPS,
+    MAX_BAD_STEPS,
+    NonFiniteLosses,
+    StepTimer,
+    nan_error,
+    time_is_up,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the EMNet enhancer (defaults: published recipe)")
+    p = argparse.ArgumentParser(description="Train the EMNet enhancer (defaults: published recipe)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="enhancer_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
@@ -53,32 +66,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--train_dir", default="./datasets/LOL-v1/our485", help="training pairs (low/, high/)")
     g.add_argument("--val_dir", default=None,
-                   help="validation pairs; default: a split held out of --train_dir (--val_percent)")
+                   help="validation pairs; None: a split held out of --train_dir (--val_percent)")
     add_split_arg(g)
     g.add_argument("--train_ps", type=int, default=128, help="training crop size")
     g.add_argument("--batch_size", type=int, default=4, help="global batch size (all processes)")
     g.add_argument("--train_workers", type=int, default=2,
                    help="DataLoader worker processes; 0 makes --resume bit-exact on the CPU")
+    g.add_argument("--data_on_device", choices=["auto", "on", "off"], default="auto",
+                   help="keep the training pairs on the training device as uint8 and draw the crops "
+                        "there (no DataLoader); auto = on for CUDA, off otherwise")
     g = p.add_argument_group("optimisation")
     g.add_argument("--nepoch", type=int, default=800, help="epochs (one random crop per pair each)")
-    g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    g.add_argument("--time_budget", type=float, default=0.0,
+                   help="minutes for the whole run, all --resume calls together, instead of --nepoch: "
+                        "the run times its first steps, then fixes its length so that the warm-up and "
+                        "the cosine end within the budget (less validation and checkpoint time); "
+                        "0 = train --nepoch epochs")
+    g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw", help="optimizer")
     g.add_argument("--lr_initial", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="the optimizer's weight decay")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="linear warm-up before the cosine decay")
-    g.add_argument("--warmup_epochs", type=int, default=3)
+    g.add_argument("--warmup_epochs", type=int, default=3, help="length of the warm-up in epochs")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
     g.add_argument("--max_iters", type=int, default=0,
                    help="stop after this many iterations in total (smoke runs, budgets); 0 = no limit")
     g = p.add_argument_group("loss")
-    g.add_argument("--l1_lambda", type=float, default=0.0)
-    g.add_argument("--l2_lambda", type=float, default=0.0)
+    g.add_argument("--l1_lambda", type=float, default=0.0, help="weight of the L1 loss")
+    g.add_argument("--l2_lambda", type=float, default=0.0, help="weight of the squared error")
     g.add_argument("--ssim_lambda", type=float, default=1.0, help="weight of 1 - SSIM")
     g.add_argument("--lpips_lambda", type=float, default=1.0,
                    help="weight of LPIPS(AlexNet); needs local AlexNet weights (see README)")
     g.add_argument("--lpips_alexnet", default=None,
-                   help="torchvision alexnet-owt-7be5be79.pth; default: the torch hub cache")
+                   help="torchvision alexnet-owt-7be5be79.pth; None: the torch hub cache")
     g.add_argument("--datarange", type=float, default=1.0, help="pixel range of the images (SSIM)")
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
@@ -87,11 +108,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_vision", action="store_true", help="validation images in tensorboard")
     g.add_argument("--log_every", type=int, default=20, help="iterations between loss log lines")
     g.add_argument("--resume", action="store_true", help="continue from models/model_latest.pth")
+    g.add_argument("--stop_after_minutes", type=float, default=0.0,
+                   help="end this call after this many minutes of wall time, saving model_latest.pth "
+                        "(then validating and saving take their time); --resume continues; 0 = no limit")
     g.add_argument("--pretrain_weights", default=None, help="initial weights (fine-tuning)")
     g = p.add_argument_group("runtime")
     add_device_arg(g)
     g.add_argument("--gpu", default=None, help="CUDA devices to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES)")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, crops, shuffling)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision for the forward pass (fp16: CUDA only)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -102,9 +126,12 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not split over {info.world_size} "
                         "processes; use a multiple of the process count")
-    for flag in ("nepoch", "batch_size", "train_ps", "val_time", "checkpoint"):
+    for flag in ("nepoch", "batch_size", "train_ps", "val_time", "checkpoint", "log_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("time_budget", "stop_after_minutes"):
+        if not getattr(args, flag) >= 0:
+            raise UserError(f"--{flag} must be 0 (off) or a number of minutes, got {getattr(args, flag)}")
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -124,6 +151,22 @@ def payload(model: EMNetEnhancer, args: argparse.Namespace, epoch: int, iteratio
     if training_state:
         out.update(training_state)
     return out
+
+
+def epoch_overhead_seconds(model: EMNetEnhancer, optimizer: torch.optim.Optimizer, val_pairs,
+                           device: torch.device, val_time: int) -> float:
+    """Seconds of work between two epochs: the CPU copy of the training state (the write itself
+    runs in the background) and, every --val_time epochs, a validation (one pass timed, unscored)."""
+    start = time.perf_counter()
+    cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    overhead = time.perf_counter() - start
+    if val_pairs:
+        start = time.perf_counter()
+        model.eval()
+        evaluate_pairs(model, val_pairs, device, progress=False)
+        model.train()
+        overhead += (time.perf_counter() - start) / val_time
+    return overhead
 
 
 def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch: int,
@@ -148,6 +191,7 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
 
 
 def main(args: argparse.Namespace) -> None:
+    call_start = time.monotonic()  # --stop_after_minutes and --time_budget count from here
     if args.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     device = resolve_device(args.device)
@@ -156,6 +200,7 @@ def main(args: argparse.Namespace) -> None:
         device = torch.device("cuda", info.local_rank)
     check_args(args, info)
     amp_dtype = autocast_dtype(args, device)
+    on_device = args.data_on_device == "on" or (args.data_on_device == "auto" and device.type == "cuda")
     env_dir = Path(args.save_dir) / args.env
     models_dir = writable_dir(env_dir / "models", "--save_dir")
     latest_path = models_dir / "model_latest.pth"
@@ -164,22 +209,30 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
+    ckpt = load_checkpoint_file(latest_path) if args.resume else None
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
                               args.datarange, args.lpips_alexnet).to(device)
 
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
-    dataset = PairedCrops(train_pairs, args.train_ps)
-    if len(dataset) < args.batch_size:
-        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset)} training "
+    if on_device:
+        crops = DeviceCrops.from_pairs(train_pairs, args.train_ps, device, args.seed, (info.rank, info.world_size))
+    else:
+        dataset = PairedCrops(train_pairs, args.train_ps)
+    if len(train_pairs) < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_pairs)} training "
                         f"pairs of {args.train_dir}; lower it or add pairs")
-    generator = torch.Generator()
-    sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-               if info.enabled else RandomSampler(dataset, generator=generator))
-    loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
-                        num_workers=args.train_workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0)
-    iters_per_epoch = len(loader)
-    total_iters = args.nepoch * iters_per_epoch
+    if on_device:
+        iters_per_epoch = crops.iters_per_epoch(args.batch_size)
+    else:
+        generator = torch.Generator()
+        sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+                   if info.enabled else RandomSampler(dataset, generator=generator))
+        loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
+                            num_workers=args.train_workers, drop_last=True,
+                            pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0)
+        iters_per_epoch = len(loader)
+    plan = schedule_plan(args, ckpt, iters_per_epoch)
+    spent_before = plan["spent_s"]  # by earlier calls of a budgeted run
 
     seed_everything(args.seed + info.rank)
     model = EMNetEnhancer(make_config(args.arch, args.embed_dim))
@@ -188,15 +241,15 @@ def main(args: argparse.Namespace) -> None:
         model.load_state_dict(init.state_dict())
     model.to(device)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    # The fused step can skip an update on the device (NonFiniteLosses); the DataLoader path keeps
+    # the default implementation, so its results and bit-exact resumes stay as they were.
     optimizer = opt_cls(model.parameters(), lr=args.lr_initial, betas=(0.9, 0.999),
-                        weight_decay=args.weight_decay)
-    scheduler = warmup_cosine(optimizer, args.warmup_epochs * iters_per_epoch if args.warmup else 0,
-                              total_iters, args.min_lr)
+                        weight_decay=args.weight_decay, **({"fused": True} if on_device else {}))
+    scheduler = warmup_cosine(optimizer, plan["warmup_iters"], plan["total_iters"], args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     epoch, iteration, best = 0, 0, {"psnr": -math.inf, "epoch": -1}
-    if args.resume:
-        ckpt = load_checkpoint_file(latest_path)
+    if ckpt is not None:
         if ckpt.get("config") != model.config.to_dict():
             raise UserError(f"--resume: {latest_path} was trained as "
                             f"{describe_config(EnhancerConfig.from_dict(ckpt['config']))}; "
@@ -211,17 +264,26 @@ def main(args: argparse.Namespace) -> None:
         restore_rng_state(ckpt["rng"])  # rank 0's state
         if info.rank > 0:  # other ranks draw their own crops again
             seed_everything(args.seed + info.rank + iteration)
+        if on_device and "sampler" in ckpt:  # else a run resumed from the DataLoader path: fresh draws
+            crops.load_state_dict(ckpt["sampler"])
 
     log = RunLog(env_dir, info.is_main)
+    options = {**vars(args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
+               "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": iters_per_epoch,
+               "total_iters": plan["total_iters"], "warmup_iters": plan["warmup_iters"],
+               "batches_on_device": on_device, "world_size": info.world_size, "device": str(device),
+               "torch": str(torch.__version__)}
     if info.is_main:
-        options = {**vars(args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
-                   "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": iters_per_epoch,
-                   "world_size": info.world_size, "device": str(device), "torch": str(torch.__version__)}
         (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
     log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch} iteration {iteration}: "
              f"{describe_config(model.config)}, {sum(p.numel() for p in model.parameters()):,} params, "
              f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {iters_per_epoch} it/epoch, "
-             f"{info.world_size} process(es) on {device}")
+             f"{info.world_size} process(es) on {device}, crops drawn "
+             f"{'on the device' if on_device else 'by a DataLoader'}")
+    if plan["budget_s"]:
+        log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before): " +
+                 (f"the schedule fixed at {plan['total_iters']} iterations continues" if plan["total_iters"]
+                  else f"the length is fixed after timing {BUDGET_TIMED_STEPS} steps"))
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
 
@@ -230,74 +292,121 @@ def main(args: argparse.Namespace) -> None:
            if info.enabled else net)
     forward = torch.compile(ddp) if args.compile else ddp
 
+    writer = CheckpointWriter()
+    nonfinite = NonFiniteLosses(device, info) if on_device else None
+    timer = StepTimer(device)
     bad_steps, stop = 0, False
-    last_iter = min(total_iters, args.max_iters) if args.max_iters else total_iters  # where this run stops
+    last_iter = last_iteration(plan, args.max_iters)  # where this call stops
     if iteration >= last_iter:
         log.line(f"nothing to train: the run is at iteration {iteration} and stops at {last_iter} "
                  "(raise --max_iters or --nepoch); checkpoints left as they are")
         stop = True
-    while epoch < args.nepoch and not stop:
-        if info.enabled:
-            sampler.set_epoch(epoch)
-        else:
-            generator.manual_seed(args.seed + epoch)
-        skip = iteration - epoch * iters_per_epoch  # >0 only when resuming mid-epoch
-        model.train()
-        tic, done_here = time.perf_counter(), 0
-        for step, (low, high) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
-                                                disable=not info.is_main)):
-            if step < skip:
-                if step == skip - 1 and info.rank == 0:  # skipped batches drew crops: back to the saved RNG
-                    restore_rng_state(ckpt["rng"])
-                continue
-            low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = forward(low)
-            loss, terms = loss_fn(out.float().clamp(0, 1), high)
-            loss_value = loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            if not all_ranks_true(info, math.isfinite(loss_value), device):
-                bad_steps += 1
-                log.line(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise UserError(f"loss was NaN/inf for {bad_steps} iterations in a row at iteration "
-                                    f"{iteration + 1}; lower --lr_initial, use --amp bf16/none, or check the data")
+    try:
+        while not stop:
+            skip = iteration - epoch * iters_per_epoch  # >0 only when resuming mid-epoch
+            if on_device:  # the sampler's saved state already stands where the run stopped
+                batches = (crops.sample(args.batch_size) for _ in range(skip, iters_per_epoch))
+                first = skip
             else:
-                bad_steps = 0
-                scaler.scale(loss).backward()
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            scheduler.step()
-            iteration += 1
-            done_here += 1
-            if iteration % args.log_every == 0:
-                lr = optimizer.param_groups[0]["lr"]
-                log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
-                                        **{f"train/{k}": v for k, v in terms.items()}})
-                rate = done_here / (time.perf_counter() - tic)
-                log.line(f"epoch {epoch} iter {iteration}/{last_iter} loss {loss_value:.4f} "
-                         + " ".join(f"{k} {v:.4f}" for k, v in terms.items()) + f" lr {lr:.2e} {rate:.2f} it/s")
-            if args.max_iters and iteration >= args.max_iters:
-                stop = True
-                break
-        epoch_complete = iteration == (epoch + 1) * iters_per_epoch
-        if epoch_complete:
-            epoch += 1
-        if info.is_main:
-            if val_pairs and (epoch % args.val_time == 0 or epoch == args.nepoch or stop):
-                means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
-                if means["psnr"] > best["psnr"]:
-                    best = {"psnr": means["psnr"], "epoch": epoch}
-                    save_checkpoint(models_dir / "model_best.pth", payload(model, args, epoch, iteration, best))
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": capture_rng_state()}
-            save_checkpoint(latest_path, payload(model, args, epoch, iteration, best, state))
-            if epoch_complete and epoch % args.checkpoint == 0:
-                save_checkpoint(models_dir / f"model_epoch_{epoch}.pth", payload(model, args, epoch, iteration, best))
-        barrier(info)
+                if info.enabled:
+                    sampler.set_epoch(epoch)
+                else:
+                    generator.manual_seed(args.seed + epoch)
+                batches, first = loader, 0
+            model.train()
+            tic, done_here = time.perf_counter(), 0
+            timer.start_epoch()
+            for step, (low, high) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
+                                                    total=iters_per_epoch - first, disable=not info.is_main),
+                                               start=first):
+                if step < skip:
+                    if step == skip - 1 and info.rank == 0:  # skipped batches drew crops: back to the saved RNG
+                        restore_rng_state(ckpt["rng"])
+                    continue
+                low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = forward(low)
+                loss, terms = loss_fn(out.float().clamp(0, 1), high)
+                optimizer.zero_grad(set_to_none=True)
+                step_ok = True
+                if on_device:
+                    optimizer.found_inf = nonfinite.update(loss)  # read by the fused step: no host sync
+                else:  # a host sync every step: skip the step here
+                    loss_value = loss.item()
+                    step_ok = all_ranks_true(info, math.isfinite(loss_value), device)
+                    bad_steps = 0 if step_ok else bad_steps + 1
+                    if not step_ok:
+                        log.line(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
+                        if bad_steps >= MAX_BAD_STEPS:
+                            raise nan_error(bad_steps, iteration + 1)
+                if step_ok:
+                    scaler.scale(loss).backward()
+                    if args.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                scheduler.step()
+                iteration += 1
+                done_here += 1
+                if plan["total_iters"] is None:
+                    sec_per_iter = timer.step_done()
+                    if sec_per_iter is not None:
+                        spent = spent_before + time.monotonic() - call_start
+                        overhead = (epoch_overhead_seconds(model, optimizer, val_pairs, device, args.val_time)
+                                    if info.is_main else 0.0)  # rank 0 decides the length for all
+                        scheduler = fix_budget(plan, sec_per_iter, spent, overhead, iteration, iters_per_epoch,
+                                               optimizer, args.min_lr, device, info, log)
+                        last_iter = last_iteration(plan, args.max_iters)
+                        options["total_iters"] = plan["total_iters"]
+                        if info.is_main:
+                            (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+                if iteration % args.log_every == 0:
+                    if on_device:
+                        nonfinite.check(log, iteration)
+                        loss_value = loss.item()  # the only host sync of the step, at log steps
+                    lr = optimizer.param_groups[0]["lr"]
+                    log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
+                                            **{f"train/{k}": float(v) for k, v in terms.items()}})
+                    rate = done_here / (time.perf_counter() - tic)
+                    shown = last_iter if last_iter < math.inf else "?"
+                    log.line(f"epoch {epoch} iter {iteration}/{shown} loss {loss_value:.4f} "
+                             + " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+                             + f" lr {lr:.2e} {rate:.2f} it/s")
+                if iteration >= last_iter:
+                    stop = True
+                    break
+                if time_is_up(args, call_start, info, device, iteration):
+                    log.line(f"stopping at iteration {iteration}: --stop_after_minutes {args.stop_after_minutes:g} "
+                             "reached; --resume continues")
+                    stop = True
+                    break
+            epoch_complete = iteration == (epoch + 1) * iters_per_epoch
+            if epoch_complete:
+                epoch += 1
+            finished = plan["total_iters"] is not None and iteration >= plan["total_iters"]
+            stop = stop or finished
+            if on_device:
+                nonfinite.check(log, iteration)
+            if info.is_main:
+                files = []
+                if val_pairs and (epoch % args.val_time == 0 or stop):
+                    means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
+                    if means["psnr"] > best["psnr"]:
+                        best = {"psnr": means["psnr"], "epoch": epoch}
+                        files.append((models_dir / "model_best.pth", payload(model, args, epoch, iteration, best)))
+                plan["spent_s"] = spent_before + time.monotonic() - call_start
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": capture_rng_state(), "schedule": dict(plan)}
+                if on_device:
+                    state["sampler"] = crops.state_dict()
+                files.append((latest_path, payload(model, args, epoch, iteration, best, state)))
+                if epoch_complete and epoch % args.checkpoint == 0:
+                    files.append((models_dir / f"model_epoch_{epoch}.pth", payload(model, args, epoch, iteration, best)))
+                writer.save(files)
+            barrier(info)
+    finally:
+        writer.join()  # never exit with a checkpoint half-way to the disk
     best_text = f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs else "no validation"
     log.line(f"finished at epoch {epoch} iteration {iteration}; {best_text}; checkpoints in {models_dir}")
     log.close()

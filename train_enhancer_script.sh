@@ -20,6 +20,7 @@ SSIM_LAMBDA=${SSIM_LAMBDA:-1}
 LPIPS_LAMBDA=${LPIPS_LAMBDA:-1}
 L1_LAMBDA=${L1_LAMBDA:-0}
 AMP=${AMP:-none}                      # bf16 on recent GPUs
+TIME_BUDGET=${TIME_BUDGET:-}          # minutes: the schedule (warm-up + cosine) is fitted to them instead of NEPOCH
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}                      # more flags, e.g. "--resume" or "--max_iters 100"
 
@@ -30,5 +31,6 @@ set -- --env "$ENV" --save_dir "$SAVE_DIR" --arch "$ARCH" --embed_dim "$EMBED_DI
   --lr_initial "$LR" --ssim_lambda "$SSIM_LAMBDA" --lpips_lambda "$LPIPS_LAMBDA" --l1_lambda "$L1_LAMBDA" \
   --amp "$AMP" --device "$DEVICE"
 [ -n "$VAL_DIR" ] && set -- "$@" --val_dir "$VAL_DIR"
+[ -n "$TIME_BUDGET" ] && set -- "$@" --time_budget "$TIME_BUDGET"
 # shellcheck disable=SC2086
 exec $LAUNCH train_enhancer.py "$@" $EXTRA

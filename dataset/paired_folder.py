@@ -23,6 +23,19 @@ def read_pair(pair: ImagePair) -> tuple[np.ndarray, np.ndarray | None]:
     return low, high
 
 
+def read_training_pair(pair: ImagePair, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both images of a training pair; no ground truth, or an image smaller than the patch, is a
+    UserError naming the file."""
+    low, high = read_pair(pair)
+    if high is None:
+        raise UserError(f"{pair.low} has no ground truth image; training needs low/ and high/")
+    h, w = low.shape[:2]
+    if h < patch_size or w < patch_size:
+        raise UserError(f"{pair.low} is {w}x{h}, smaller than --train_ps {patch_size}; "
+                        "use a smaller --train_ps or remove the image")
+    return low, high
+
+
 def _chw(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
@@ -57,16 +70,7 @@ class PairedCrops(Dataset):
             raise UserError("the training set is empty; check --train_dir")
         self.pairs = pairs
         self.patch_size = patch_size
-        self.images: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for pair in pairs:
-            low, high = read_pair(pair)
-            if high is None:
-                raise UserError(f"{pair.low} has no ground truth image; training needs low/ and high/")
-            h, w = low.shape[:2]
-            if h < patch_size or w < patch_size:
-                raise UserError(f"{pair.low} is {w}x{h}, smaller than --train_ps {patch_size}; "
-                                "use a smaller --train_ps or remove the image")
-            self.images.append((_chw(low), _chw(high)))
+        self.images = [tuple(map(_chw, read_training_pair(pair, patch_size))) for pair in pairs]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -9,7 +9,7 @@ import torch
 
 from models.enhancer import EMNetEnhancer, make_config
 from models.loading import ENHANCER_FORMAT, load_enhancer, strip_module_prefix
-from utils.checkpoint import load_checkpoint_file, save_checkpoint
+from utils.checkpoint import CheckpointWriter, load_checkpoint_file, save_checkpoint
 from utils.errors import UserError
 
 
@@ -219,3 +219,19 @@ def test_failed_save_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
     assert path.read_bytes() == before
     assert load_checkpoint_file(path)["epoch"] == 1
+
+
+def test_checkpoint_writer_saves_a_snapshot_and_reports_errors(tmp_path):
+    """The background writer saves the tensors as they were when `save` was called, and a failed
+    write raises (once) from the next `join`."""
+    writer = CheckpointWriter()
+    weights = torch.zeros(3)
+    writer.save([(tmp_path / "a.pth", {"w": weights, "nested": [weights]})])
+    weights += 1  # the next step changes the weights while the file is being written
+    writer.join()
+    saved = torch.load(tmp_path / "a.pth", weights_only=True)
+    assert torch.equal(saved["w"], torch.zeros(3)) and torch.equal(saved["nested"][0], torch.zeros(3))
+    writer.save([(tmp_path / "no_such_folder" / "b.pth", {"w": weights})])
+    with pytest.raises(FileNotFoundError):
+        writer.join()
+    writer.join()

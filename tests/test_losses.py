@@ -224,7 +224,8 @@ def test_enhancement_loss_weighted_sum_of_nonzero_terms(weights, alexnet_file, m
     if weights["lpips"]:
         independent["lpips"] = float(loss_fn.lpips(pred, target))
     for k, v in terms.items():
-        assert v == pytest.approx(independent[k], rel=1e-5)
+        assert not v.requires_grad
+        assert float(v) == pytest.approx(independent[k], rel=1e-5)
     assert float(total) == pytest.approx(sum(weights[k] * independent[k] for k in terms), rel=1e-5)
 
 

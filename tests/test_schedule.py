@@ -1,5 +1,6 @@
-"""utils.schedule.warmup_cosine: the per-iteration learning rate of the published recipe
-(linear warm-up, cosine decay to --min_lr) and its exact restoration from a state_dict."""
+"""utils.schedule: the per-iteration learning rate of the published recipe (linear warm-up,
+cosine decay to --min_lr), its exact restoration from a state_dict, its replacement once a
+time-budgeted run knows its length, and the budget arithmetic (minutes -> iterations)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from utils.schedule import warmup_cosine
+from utils.errors import UserError
+from utils.schedule import iterations_for_budget, warmup_cosine
 
 PEAK, MIN_LR = 2e-4, 1e-6
 
@@ -81,3 +83,83 @@ def test_restored_scheduler_continues_the_same_sequence(k):
     got = lr_sequence(opt_b, sched_b, total - k + 3)
     assert got == pytest.approx(expected, rel=1e-12, abs=0)
     assert math.isclose(got[-1], MIN_LR, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("warmup,fixed_at", [(10, 4), (10, 10), (0, 3), (5, 8)])
+def test_schedule_fixed_mid_run_continues_as_if_known_from_the_start(warmup, fixed_at):
+    """A budgeted run starts with an unknown length (warm-up, then the peak held) and replaces the
+    schedule at iteration `fixed_at` (start_iter): from there on its lrs are those of a schedule
+    that knew the total from the start, down to min_lr; before, the warm-up ones are identical
+    and later ones hold the peak."""
+    total = 40
+    opt_ref, sched_ref = make(warmup, total)
+    ref = lr_sequence(opt_ref, sched_ref, total)
+
+    opt, sched = make(warmup, None)
+    before = lr_sequence(opt, sched, fixed_at)[:-1]
+    assert before[:warmup] == pytest.approx(ref[:min(warmup, fixed_at)], rel=1e-12)
+    assert all(v == pytest.approx(PEAK) for v in before[warmup:])
+    sched = warmup_cosine(opt, warmup, total, MIN_LR, start_iter=fixed_at)
+    assert sched.last_epoch == fixed_at
+    after = lr_sequence(opt, sched, total - fixed_at)
+    assert after == pytest.approx(ref[fixed_at:], rel=1e-12, abs=0)
+    assert after[-1] == pytest.approx(MIN_LR, rel=1e-9)
+
+
+def planned_seconds(spent, done, total, sec, overhead, ipe):
+    """Upper bound of the run's time: every iteration, an overhead per (started) epoch, one more."""
+    left = total - done
+    return spent + left * sec + (left / ipe + 1) * overhead
+
+
+@pytest.mark.parametrize("budget,spent,done,sec,warmup,overhead,ipe", [
+    (600.0, 0.0, 0, 0.5, 20, 0.0, 1),
+    (600.0, 100.0, 50, 0.5, 20, 0.0, 10),
+    (600.0, 100.0, 50, 0.5, 20, 10.0, 100),
+    (1800.0, 42.5, 25, 0.0371, 363, 3.2, 121),
+    (90.0, 80.0, 30, 0.25, 6, 1.0, 2),
+])
+def test_budget_fits_the_most_iterations(budget, spent, done, sec, warmup, overhead, ipe):
+    """The total fits the budget (iterations, per-epoch overhead, one final overhead) and one
+    iteration more would not; the iterations already done are part of it."""
+    total = iterations_for_budget(budget, spent, done, sec, warmup, overhead, ipe)
+    assert total > max(done, warmup)
+    assert planned_seconds(spent, done, total, sec, overhead, ipe) <= budget + 1e-9
+    assert planned_seconds(spent, done, total + 1, sec, overhead, ipe) > budget
+
+
+def test_budget_examples():
+    """Worked numbers: 500 s left at 0.5 s/iter after 50 iterations -> 1050; with 10 s per epoch
+    of 100 iterations: (500 - 10) / 0.6 = 816 more."""
+    assert iterations_for_budget(600, 100, 50, 0.5, 20) == 1050
+    assert iterations_for_budget(600, 100, 50, 0.5, 20, overhead_per_epoch_s=10, iters_per_epoch=100) == 866
+
+
+def test_budget_must_cover_the_warmup():
+    """One iteration past the warm-up is the least a budget may allow; less is a UserError that
+    says which flags to change. Time already spent counts."""
+    assert iterations_for_budget(11.0, 0.0, 0, 1.0, 10) == 11
+    with pytest.raises(UserError, match="--time_budget") as err:
+        iterations_for_budget(10.0, 0.0, 0, 1.0, 10)
+    assert "--warmup_epochs" in str(err.value) and "10 of the warm-up" in str(err.value)
+    with pytest.raises(UserError, match="already spent"):
+        iterations_for_budget(60.0, 55.0, 5, 1.0, 10)
+    # A budget already used up ends the run where it is (past the warm-up): no negative length.
+    assert iterations_for_budget(60.0, 70.0, 30, 1.0, 10) == 30
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0.0, 0.0, 0, 0.1, 5), "--time_budget must be positive"),
+    ((-6.0, 0.0, 0, 0.1, 5), "--time_budget must be positive"),
+    ((float("nan"), 0.0, 0, 0.1, 5), "--time_budget must be positive"),
+    ((60.0, 0.0, 0, 0.0, 5), "s per iteration"),
+    ((60.0, 0.0, 0, float("inf"), 5), "s per iteration"),
+    ((60.0, 0.0, 0, float("nan"), 5), "s per iteration"),
+    ((60.0, -1.0, 0, 0.1, 5), "invalid budget state"),
+    ((60.0, 0.0, -1, 0.1, 5), "invalid budget state"),
+    ((60.0, 0.0, 0, 0.1, 5, -1.0), "invalid budget state"),
+    ((60.0, 0.0, 0, 0.1, 5, 0.0, 0), "invalid budget state"),
+])
+def test_bad_budget_inputs_are_user_errors(args, match):
+    with pytest.raises(UserError, match=match):
+        iterations_for_budget(*args)

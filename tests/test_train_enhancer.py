@@ -26,6 +26,7 @@ from conftest import GLIBC_TUNABLES, REPO, write_png
 from dataset.pairing import find_pairs, is_validation_pair
 from models.loading import ENHANCER_FORMAT, load_enhancer
 from utils.errors import UserError
+from utils.training import MAX_BAD_STEPS
 
 FAST = ["--arch", "emnet_tiny", "--embed_dim", "8", "--train_workers", "0", "--lpips_lambda", "0",
         "--l1_lambda", "1", "--device", "cpu"]
@@ -116,6 +117,16 @@ def assert_same_optimizer(a: dict, b: dict) -> None:
         for k in sa:
             assert torch.allclose(torch.as_tensor(sa[k]).double(), torch.as_tensor(sb[k]).double(),
                                   rtol=0, atol=1e-6), f"optimizer state {idx}.{k} differs"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the subprocess runs have (OMP_NUM_THREADS=1): with two, a busy
+    machine makes OpenMP's barriers, and in-process runs, many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- 1. smoke runs
@@ -499,7 +510,7 @@ def test_diverging_run_stops_with_nan_error(tmp_path):
     lines = stderr_lines(proc.stderr)
     assert lines[-1].startswith("error:") and "NaN" in lines[-1] and "--lr_initial" in lines[-1]
     log = (tmp_path / "runs" / "nan" / "train.log").read_text()
-    assert log.count("non-finite loss, step skipped") == train_enhancer.MAX_BAD_STEPS
+    assert log.count("non-finite loss, step skipped") == MAX_BAD_STEPS
 
 
 class _NaNAtCalls(torch.nn.Module):
@@ -536,7 +547,7 @@ def _patch_loss(monkeypatch, bad_calls) -> list:
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
-def test_isolated_nan_steps_are_skipped_without_touching_the_weights(tmp_path, monkeypatch):
+def test_isolated_nan_steps_are_skipped_without_touching_the_weights(tmp_path, monkeypatch, one_thread):
     """A few non-finite losses (fewer than MAX_BAD_STEPS in a row) are skipped: the run finishes,
     every weight stays finite, the skipped iterations are logged, and a skipped step leaves the
     weights and optimizer moments unchanged (a run whose only steps are NaN ends where it began)."""
@@ -565,13 +576,13 @@ def test_isolated_nan_steps_are_skipped_without_touching_the_weights(tmp_path, m
     assert ckpt["optimizer"]["state"] == {}
 
 
-def test_persistent_nan_raises_user_error(tmp_path, monkeypatch):
+def test_persistent_nan_raises_user_error(tmp_path, monkeypatch, one_thread):
     """MAX_BAD_STEPS non-finite losses in a row raise a UserError that says NaN and how to fix it."""
     train = make_structured_pairs(tmp_path / "train", ["n1", "n2", "n3", "n4"], size=(40, 40))
     made = _patch_loss(monkeypatch, bad_calls=set(range(3, 100)))
     with pytest.raises(UserError, match="NaN") as err:
         train_enhancer.main(train_enhancer.get_args_parser().parse_args(_in_process_args(train, tmp_path, 50)))
-    assert made[0].calls == 2 + train_enhancer.MAX_BAD_STEPS
+    assert made[0].calls == 2 + MAX_BAD_STEPS
     assert "--lr_initial" in str(err.value)
 
 
@@ -590,3 +601,174 @@ def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
         ok(run_train(train, save, "cap", *flags, "--max_iters", cap, "--resume"))
         assert latest.read_bytes() == before
     assert (save / "cap" / "train.log").read_text().count("nothing to train") == 2
+
+
+# ----------------------------------------------------------------------------- 8. batches on the device, time budgets
+
+LR_LINE = re.compile(r"iter (\d+)/(\S+) loss \S+ .* lr (\S+) ")
+TINY = ("--val_percent", 0, "--train_ps", 8, "--batch_size", 2, "--ssim_lambda", 0, "--log_every", 1,
+        "--data_on_device", "on")  # 8x8 crops: small enough for the L1-only loss, not for SSIM
+
+
+def train_in_process(train: Path, save: Path, env_name: str, *extra) -> Path:
+    """train_enhancer.main with FAST and TINY (no subprocess: these runs are short); returns ENV/."""
+    argv = ["--train_dir", str(train), "--save_dir", str(save), "--env", env_name, *FAST,
+            *map(str, TINY), *map(str, extra)]
+    train_enhancer.main(train_enhancer.get_args_parser().parse_args(argv))
+    return save / env_name
+
+
+def reference_lrs(warmup: int, total: int, n: int, peak: float = 2e-4, min_lr: float = 1e-6) -> list[float]:
+    """The lr after iterations 1..n of a run that knew its length from the start."""
+    from utils.schedule import warmup_cosine
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = warmup_cosine(opt, warmup, total, min_lr)
+    out = []
+    for _ in range(n):
+        opt.step()
+        sched.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_device_batches_resume_exactly(tmp_path, one_thread):
+    """With the crops drawn on the device, 3 epochs straight == stopped mid-epoch (--max_iters 3)
+    + --resume: same losses, weights and sampler state (the sampler's generator, permutation and
+    position travel in model_latest.pth); the run logs that it drew on the device."""
+    train = make_structured_pairs(tmp_path / "train", ["r1", "r2", "r3", "r4"], size=(10, 12), seed=3)
+    a = train_in_process(train, tmp_path, "A", "--nepoch", 3)
+    b = train_in_process(train, tmp_path, "B", "--nepoch", 3, "--max_iters", 3)
+    part = load(b / "models" / "model_latest.pth")
+    assert (part["epoch"], part["iteration"]) == (1, 3) and part["sampler"]["position"] == 2
+    train_in_process(train, tmp_path, "B", "--nepoch", 3, "--resume")
+    ca, cb = load(a / "models" / "model_latest.pth"), load(b / "models" / "model_latest.pth")
+    assert (cb["epoch"], cb["iteration"]) == (3, 6)
+    assert losses_from_log(a / "train.log") == losses_from_log(b / "train.log")
+    assert len(losses_from_log(a / "train.log")) == 6
+    assert_same_state(ca["state_dict"], cb["state_dict"], "weights")
+    assert_same_optimizer(ca["optimizer"], cb["optimizer"])
+    assert torch.equal(ca["sampler"]["generator"], cb["sampler"]["generator"])
+    assert torch.equal(ca["sampler"]["order"], cb["sampler"]["order"])
+    assert "crops drawn on the device" in (a / "train.log").read_text()
+    assert yaml.safe_load((a / "options.yml").read_text())["batches_on_device"] is True
+
+
+def test_budgeted_run_fixes_its_length_once_and_resume_continues_the_schedule(tmp_path, one_thread):
+    """--time_budget: the first call times steps 6-25 (inside the 30-iteration warm-up), fixes the
+    total and stores it in model_latest.pth and options.yml; a --resume call with another
+    --time_budget neither re-times nor re-plans: the total stays, and the lr after every
+    iteration of both calls is that of a schedule that knew the total from the start."""
+    train = make_structured_pairs(tmp_path / "train", ["b1", "b2", "b3", "b4"], size=(10, 12), seed=4)
+    flags = ("--warmup_epochs", 15)  # 2 iterations per epoch: 30 warm-up iterations
+    env = train_in_process(train, tmp_path, "budget", *flags, "--time_budget", 0.5, "--max_iters", 27)
+    first = load(env / "models" / "model_latest.pth")
+    total = first["schedule"]["total_iters"]
+    assert first["iteration"] == 27 and total > 40
+    assert first["schedule"]["budget_s"] == 30 and first["schedule"]["warmup_iters"] == 30
+    assert yaml.safe_load((env / "options.yml").read_text())["total_iters"] == total
+
+    train_in_process(train, tmp_path, "budget", *flags, "--time_budget", 7, "--max_iters", 40, "--resume")
+    second = load(env / "models" / "model_latest.pth")
+    assert second["iteration"] == 40 and second["schedule"]["total_iters"] == total
+    assert second["schedule"]["spent_s"] > first["schedule"]["spent_s"]
+    log = (env / "train.log").read_text()
+    assert log.count("s/iteration") == 1, "the resumed call timed its steps again"
+    assert f"the schedule fixed at {total} iterations continues" in log
+
+    ref = reference_lrs(30, total, 40)
+    for ckpt, k in ((first, 27), (second, 40)):
+        assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(ref[k - 1], rel=1e-12, abs=0)
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(ref[k - 1], rel=1e-12, abs=0)
+    logged = {int(m.group(1)): (m.group(2), float(m.group(3))) for m in LR_LINE.finditer(log)}
+    assert sorted(logged) == list(range(1, 41))
+    assert {shown for it, (shown, _) in logged.items() if it <= 27} == {"27"}  # --max_iters of each call
+    assert {shown for it, (shown, _) in logged.items() if it > 27} == {"40"}
+    for it, (_, lr) in logged.items():  # printed with 3 digits
+        assert lr == pytest.approx(ref[it - 1], rel=6e-3), it
+
+
+def test_budgeted_run_ends_at_its_total_with_min_lr(tmp_path, one_thread):
+    """A 0.05-minute budget on a tiny run: it fixes a total, trains exactly that many iterations
+    and ends the cosine at --min_lr, options.yml and the checkpoint agreeing."""
+    train = make_structured_pairs(tmp_path / "train", ["e1", "e2", "e3", "e4"], size=(10, 12), seed=5)
+    env = train_in_process(train, tmp_path, "end", "--warmup_epochs", 1, "--time_budget", 0.05, "--log_every", 10)
+    ckpt = load(env / "models" / "model_latest.pth")
+    total = ckpt["schedule"]["total_iters"]
+    assert total >= 25 and ckpt["iteration"] == total  # 25: fixed after the timed steps, nothing left
+    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(1e-6, rel=1e-9)
+    assert yaml.safe_load((env / "options.yml").read_text())["total_iters"] == total
+    assert f"finished at epoch {ckpt['epoch']} iteration {total}" in (env / "train.log").read_text()
+
+
+def test_stop_after_minutes_saves_a_resumable_checkpoint(tmp_path, one_thread):
+    """--stop_after_minutes 0.0001 (6 ms, less than the first step): the call stops cleanly after
+    one iteration with a model_latest.pth whose length is still open; --resume times its own
+    steps, fixes the length (counting the earlier calls' time) and trains on. --time_budget on
+    --resume of an epoch run is a UserError."""
+    train = make_structured_pairs(tmp_path / "train", ["s1", "s2", "s3", "s4"], size=(10, 12), seed=6)
+    env = train_in_process(train, tmp_path, "stop", "--time_budget", 0.5, "--stop_after_minutes", 0.0001)
+    first = load(env / "models" / "model_latest.pth")
+    assert first["iteration"] == 1 and first["schedule"]["total_iters"] is None
+    assert first["schedule"]["spent_s"] > 0
+    log = (env / "train.log").read_text()
+    assert "stopping at iteration 1: --stop_after_minutes 0.0001 reached" in log
+    assert "iter 1/? loss" in log  # the length is not known yet
+    assert "finished at epoch 0 iteration 1" in log
+    assert not list((env / "models").glob(".*.tmp")), "a checkpoint write was left unfinished"
+
+    # While the length is open a new --time_budget replaces the budget; later calls keep it.
+    train_in_process(train, tmp_path, "stop", "--time_budget", 0.6, "--stop_after_minutes", 0.0001, "--resume")
+    assert load(env / "models" / "model_latest.pth")["schedule"]["budget_s"] == 36
+    train_in_process(train, tmp_path, "stop", "--max_iters", 28, "--resume")
+    second = load(env / "models" / "model_latest.pth")
+    assert second["iteration"] == 28 and second["schedule"]["total_iters"] > 27
+    assert second["schedule"]["budget_s"] == 36
+    assert second["schedule"]["spent_s"] > first["schedule"]["spent_s"]
+
+    train_in_process(train, tmp_path, "epochs", "--nepoch", 1)
+    with pytest.raises(UserError, match="--time_budget on --resume"):
+        train_in_process(train, tmp_path, "epochs", "--nepoch", 2, "--time_budget", 1, "--resume")
+
+
+def test_budget_smaller_than_the_warmup_is_a_user_error(tmp_path, one_thread):
+    """A budget (0.06 s) already spent when the speed is known, with a 30-iteration warm-up:
+    a UserError naming --time_budget and --warmup_epochs, after the 25 timed iterations."""
+    train = make_structured_pairs(tmp_path / "train", ["w1", "w2", "w3", "w4"], size=(10, 12), seed=7)
+    with pytest.raises(UserError, match="--time_budget 0.001 minutes allows 25 iterations") as err:
+        train_in_process(train, tmp_path, "tiny", "--warmup_epochs", 15, "--time_budget", 0.001)
+    assert "--warmup_epochs" in str(err.value) and "30 of the warm-up" in str(err.value)
+
+
+def test_device_path_skips_non_finite_steps_on_the_device(tmp_path, one_thread, monkeypatch):
+    """On the device path (no per-step sync) isolated NaN losses are skipped and reported; an
+    all-NaN run leaves the weights and the optimizer's step count as they were; MAX_BAD_STEPS in
+    a row raise the same UserError as the DataLoader path."""
+    train = make_structured_pairs(tmp_path / "train", ["n1", "n2", "n3", "n4"], size=(10, 12))
+    _patch_loss(monkeypatch, bad_calls={2, 3, 4, 5})
+    env = train_in_process(train, tmp_path, "some", "--nepoch", 4)
+    ckpt = load(env / "models" / "model_latest.pth")
+    assert ckpt["iteration"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    log = (env / "train.log").read_text()
+    assert log.count("non-finite loss(es) since the last report, steps skipped") == 4
+    assert "(at most 4 in a row)" in log and "(at most 5 in a row)" not in log
+    steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {4}, "the fused optimizer did not skip the flagged updates"
+
+    monkeypatch.undo()
+    _patch_loss(monkeypatch, bad_calls=set(range(1, 100)))
+    env = train_in_process(train, tmp_path, "all", "--nepoch", 4, "--max_iters", 2)
+    ckpt = load(env / "models" / "model_latest.pth")
+    torch.manual_seed(1234)
+    from models.enhancer import EMNetEnhancer, make_config
+    init = EMNetEnhancer(make_config("emnet_tiny", 8)).state_dict()
+    assert_same_state(init, ckpt["state_dict"], "weights after skipped steps")
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {0}
+
+    monkeypatch.undo()
+    made = _patch_loss(monkeypatch, bad_calls=set(range(3, 100)))
+    with pytest.raises(UserError, match="NaN") as err:
+        train_in_process(train, tmp_path, "many", "--nepoch", 50)
+    assert made[0].calls == 2 + MAX_BAD_STEPS
+    assert "--lr_initial" in str(err.value)

@@ -40,7 +40,8 @@ OFFLINE_RECIPE = "train without it: --lpips_lambda 0 --l1_lambda 1 (see README)"
 
 class EnhancementLoss(nn.Module):
     """Weighted sum l1 * L1 + l2 * MSE + ssim * (1 - SSIM) + lpips * LPIPS; returns the total
-    and the individual terms (for logging). Terms with weight 0 are not computed."""
+    and the individual terms, detached (for logging: `float()` them only when logging, each one is
+    a host sync on a GPU). Terms with weight 0 are not computed."""
 
     def __init__(self, l1: float = 0.0, l2: float = 0.0, ssim: float = 1.0, lpips: float = 1.0,
                  data_range: float = 1.0, lpips_alexnet: str | None = None):
@@ -52,7 +53,7 @@ class EnhancementLoss(nn.Module):
         self.data_range = data_range
         self.lpips = build_lpips(lpips_alexnet, OFFLINE_RECIPE) if lpips > 0 else None
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pred, target = pred.float(), target.float()
         terms: dict[str, torch.Tensor] = {}
         if self.weights["l1"]:
@@ -64,5 +65,5 @@ class EnhancementLoss(nn.Module):
         if self.lpips is not None:
             terms["lpips"] = self.lpips(pred, target)
         total = sum(self.weights[k] * v for k, v in terms.items())
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        return total, {k: v.detach() for k, v in terms.items()}
 
