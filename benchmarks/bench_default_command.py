@@ -2,7 +2,8 @@
 
 Both run as whole processes (start-up, loading and image I/O included) on the same N images of an
 LOL-style folder with the same bundled enhancer weights, one after the other:
-- ours: `test.py` with its defaults (the enhancer on the fast path, then the bundled memory);
+- ours: `test.py` as `test_script.sh` runs it (the enhancer on the fast path, the bundled memory,
+  metrics, `--pictures`);
 - original: the plain network of models/enhancer.py (the original code's formulation, no border
   margin), each image enhanced and written as a PNG, as the original test script does.
 Prints both wall times, their ratio, and the largest 8-bit difference between our `ori` images
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.pairing import find_pairs  # noqa: E402
-from models.options import BUNDLED_ENHANCER  # noqa: E402
+from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
 from utils.image_io import read_image, to_uint8  # noqa: E402
 
 ORIGINAL = """
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--input_dir", required=True, help="LOL-style folder (sizes multiples of 8, e.g. eval15)")
     p.add_argument("--images", type=int, default=3)
     p.add_argument("--weights", default=str(REPO / BUNDLED_ENHANCER))
+    p.add_argument("--mem_weights", default=str(REPO / BUNDLED_MEMORY))
     args = p.parse_args()
     pairs = find_pairs(args.input_dir)[: args.images]
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +67,7 @@ def main() -> None:
             for pair in pairs:
                 shutil.copy(getattr(pair, side), data / side / getattr(pair, side).name)
         ours = timed([sys.executable, "test.py", "--input_dir", str(data), "--result_dir", f"{tmp}/ours",
-                      "--weights", args.weights, "--device", "cpu"])
+                      "--weights", args.weights, "--mem_weights", args.mem_weights, "--pictures", "--device", "cpu"])
         original = timed([sys.executable, "-c", ORIGINAL, args.weights, str(data / "low"), f"{tmp}/original"])
         subprocess.run([sys.executable, "test.py", "--input_dir", str(data), "--result_dir", f"{tmp}/m0",
                         "--weights", args.weights, "--device", "cpu", "--border_margin", "0", "--save_images"],

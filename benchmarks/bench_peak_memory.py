@@ -25,9 +25,7 @@ import cv2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.options import BUNDLED_ENHANCER  # noqa: E402
-
-BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"
+from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
 
 
 def peak_of(cmd: list[str]) -> tuple[float, float]:

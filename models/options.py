@@ -12,6 +12,7 @@ from utils.errors import UserError
 
 DEFAULT_VAL_PERCENT = 10.0
 BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
+BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"  # test_script.sh's memory
 
 
 def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:

@@ -171,6 +171,17 @@ def test_script_default_runs_the_demo(script_run):
     assert only.startswith("test.py ")
 
 
+def test_script_defaults_are_the_bundled_files(script_run):
+    """test_script.sh runs the weights and memory the Python code calls bundled, and both exist."""
+    from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY
+
+    _, test = script_run()
+    args = test.split()
+    assert args[args.index("--weights") + 1] == BUNDLED_ENHANCER
+    assert args[args.index("--mem_weights") + 1] == BUNDLED_MEMORY
+    assert (REPO / BUNDLED_ENHANCER).is_file() and (REPO / BUNDLED_MEMORY).is_file()
+
+
 def test_script_lol_input(script_run):
     """INPUT_DIR=.../eval15: no demo set; RESULT_DIR, when set, is passed on."""
     (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15")
