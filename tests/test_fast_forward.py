@@ -125,7 +125,8 @@ def test_inference_over_the_budget_runs_in_strips(monkeypatch):
     monkeypatch.setattr(RowStrips, "block", lambda self, *a: calls.append(1) or original(self, *a))
     budget.set_max_memory(1e-6)
     try:
-        striped = enhance(model, x)
+        with pytest.warns(UserWarning, match="over the 0.0 GB budget"):
+            striped = enhance(model, x)
     finally:
         budget.set_max_memory(None)
     assert calls, "the strip runner was not used"
@@ -173,7 +174,8 @@ def test_cpu_budget_counts_the_process_baseline_once(monkeypatch):
 
 def test_budget_picks_whole_maps_or_strips_by_measured_costs(monkeypatch):
     """With 3 GB for the forward, a 616x416 input at C = 32 runs whole (the default command's
-    speed), a 1040x784 one in strips whose held maps and strip fit the 3 GB."""
+    speed), a 1040x784 one in strips whose held maps and strip fit the 3 GB; a 12-megapixel one
+    cannot fit (its held maps alone are larger): the smallest useful strips and a warning."""
     from models.fast import budget
 
     monkeypatch.setattr(budget, "budget_bytes", lambda device: 3 * 2**30)
@@ -183,3 +185,5 @@ def test_budget_picks_whole_maps_or_strips_by_measured_costs(monkeypatch):
     assert strip is not None
     held = budget.HELD_BYTES * 32 * 784 * 1040
     assert held + budget.STRIP_BYTES * 32 * strip <= 3 * 2**30 + budget.STRIP_BYTES * 32
+    with pytest.warns(UserWarning, match=r"4016x3016 input needs about 1[0-9]\.\d GB"):
+        assert budget.plan_strips(model, torch.empty(1, 3, 3016, 4016)) == budget.MIN_STRIP
