@@ -147,13 +147,23 @@ def published_memory(path: Path, n: int, width: int, key_dim: int = 512, seed: i
     return path
 
 
+def random_backbone_file(folder: Path, model: str, seed: int) -> Path:
+    """A random-weight torchvision `model`() state_dict (the ImageNet file's layout), saved in
+    `folder`: the suite's stand-in for the ImageNet weights it never downloads."""
+    import torchvision.models
+
+    path = folder / f"{model}_random.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.save(getattr(torchvision.models, model)(weights=None).state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def resnet_file(tmp_path_factory) -> Path:
-    """A random-weight torchvision resnet18() state_dict (the ImageNet file's layout)."""
-    from torchvision.models import resnet18
+    return random_backbone_file(tmp_path_factory.mktemp("resnet"), "resnet18", seed=6)
 
-    path = tmp_path_factory.mktemp("resnet") / "resnet18_random.pth"
-    with torch.random.fork_rng():
-        torch.manual_seed(6)
-        torch.save(resnet18(weights=None).state_dict(), path)
-    return path
+
+@pytest.fixture(scope="session")
+def alexnet_random_file(tmp_path_factory) -> Path:
+    return random_backbone_file(tmp_path_factory.mktemp("alexnet"), "alexnet", seed=3)

@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from conftest import run_repo, write_png
 from models.inference import enhance
@@ -308,19 +307,7 @@ def test_enhancer_file_as_memory_is_refused(small_input, make_checkpoint, tmp_pa
 
 # ----------------------------------------------------------------------------- --lpips
 
-@pytest.fixture(scope="module")
-def alexnet_file(tmp_path_factory) -> Path:
-    """A random-weight torchvision alexnet() state_dict (the ImageNet file's layout)."""
-    from torchvision.models import alexnet
-
-    path = tmp_path_factory.mktemp("alexnet") / "alexnet_random.pth"
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        torch.save(alexnet(weights=None).state_dict(), path)
-    return path
-
-
-def test_lpips_columns(make_pairs, make_checkpoint, alexnet_file, resnet_file, tmp_path):
+def test_lpips_columns(make_pairs, make_checkpoint, alexnet_random_file, resnet_file, tmp_path):
     """--lpips adds ori_lpips and mem_lpips to metrics.csv, summary.json (means, intervals, the
     paired mem - ori interval, the convention) and the printed table; each value is LPIPS of the
     saved 8-bit image against its ground truth."""
@@ -334,12 +321,12 @@ def test_lpips_columns(make_pairs, make_checkpoint, alexnet_file, resnet_file, t
     result = tmp_path / "r"
     proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", result, "--save_images",
                        "--mem_weights", memory, "--query_weights", resnet_file,
-                       "--lpips", "--lpips_alexnet", alexnet_file)
+                       "--lpips", "--lpips_alexnet", alexnet_random_file)
     assert proc.returncode == 0, proc.stderr
     lpips_cols = ["ori_lpips", "mem_lpips"]
     fields, rows = read_csv(result / "metrics.csv")
     assert set(lpips_cols) <= set(fields)
-    lpips = build_lpips(str(alexnet_file), "")
+    lpips = build_lpips(str(alexnet_random_file), "")
     for r in rows:
         gt = image_to_tensor(read_image(data / "high" / f"{r['name']}.png"))
         for stage in ("ori", "mem"):
