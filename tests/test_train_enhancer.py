@@ -772,3 +772,17 @@ def test_device_path_skips_non_finite_steps_on_the_device(tmp_path, one_thread, 
         train_in_process(train, tmp_path, "many", "--nepoch", 50)
     assert made[0].calls == 2 + MAX_BAD_STEPS
     assert "--lr_initial" in str(err.value)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_device_batches_matches_eager(tmp_path, one_thread):
+    """--compile with the crops drawn on the device runs on the CPU (the step the GPU runs, under
+    torch.compile) and computes the same losses as the eager step from the same seed."""
+    train = make_structured_pairs(tmp_path / "train", ["r1", "r2", "r3", "r4"], size=(10, 12), seed=5)
+    eager = train_in_process(train, tmp_path, "eager", "--nepoch", 2)
+    compiled = train_in_process(train, tmp_path, "compiled", "--nepoch", 2, "--compile")
+    want, got = losses_from_log(eager / "train.log"), losses_from_log(compiled / "train.log")
+    assert [it for it, _ in got] == [it for it, _ in want] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(want, got):
+        assert b == pytest.approx(a, abs=2e-4)
+    assert load(compiled / "models" / "model_latest.pth")["iteration"] == 4
