@@ -119,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision for the forward pass (fp16: CUDA only)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile mode with --compile; reduce-overhead replays CUDA graphs (static "
+                        "shapes, which --data_on_device gives)")
     return p
 
 
@@ -132,6 +135,8 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     for flag in ("time_budget", "stop_after_minutes"):
         if not getattr(args, flag) >= 0:
             raise UserError(f"--{flag} must be 0 (off) or a number of minutes, got {getattr(args, flag)}")
+    if args.compile_mode != "default" and not args.compile:
+        raise UserError(f"--compile_mode {args.compile_mode} needs --compile")
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -290,7 +295,7 @@ def main(args: argparse.Namespace) -> None:
     net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
     ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
            if info.enabled else net)
-    forward = torch.compile(ddp) if args.compile else ddp
+    forward = torch.compile(ddp, mode=args.compile_mode) if args.compile else ddp
 
     writer = CheckpointWriter()
     nonfinite = NonFiniteLosses(device, info) if on_device else None

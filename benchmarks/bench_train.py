@@ -58,7 +58,7 @@ def sample_seconds(crops: DeviceCrops, args: argparse.Namespace, device: torch.d
 def bench(arch: str, dim: int, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = EMNetEnhancer(make_config(arch, dim)).to(device).train()
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     loss_fn = EnhancementLoss(l1=1.0, ssim=1.0, lpips=0.0).to(device)
     crops = random_crops(args, device) if args.data_on_device else None
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--data_on_device", action="store_true",
                    help="draw each step's crops on the device (DeviceCrops, as train_enhancer.py on "
                         "CUDA) and report the drawing time alone as sample_ms")
@@ -123,7 +125,7 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch "
-          f"{args.batch_size}x{args.patch}x{args.patch}, amp {args.amp}, compile {args.compile}")
+          f"{args.batch_size}x{args.patch}x{args.patch}, amp {args.amp}, compile {args.compile and args.compile_mode}")
     if not args.json:
         print(f"{'preset':<20} {'params':>11} {'s/iter':>8} {'iter/s':>8} {'crops/s':>8} {'GFLOP':>8} "
               f"{'TFLOP/s':>8} {'of peak':>8} {'peak MiB':>9}" + (f" {'sample ms':>9}" if args.data_on_device else ""))

@@ -786,3 +786,20 @@ def test_compiled_step_with_device_batches_matches_eager(tmp_path, one_thread):
     for (_, a), (_, b) in zip(want, got):
         assert b == pytest.approx(a, abs=2e-4)
     assert load(compiled / "models" / "model_latest.pth")["iteration"] == 4
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, one_thread, monkeypatch):
+    """--compile --compile_mode reduce-overhead hands the mode to torch.compile (CUDA graphs on a
+    GPU); --compile_mode without --compile is refused rather than ignored."""
+    modes = []
+
+    def fake_compile(module, mode=None):
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train = make_structured_pairs(tmp_path / "train", ["r1", "r2", "r3", "r4"], size=(10, 12), seed=6)
+    train_in_process(train, tmp_path, "graphs", "--nepoch", 1, "--compile", "--compile_mode", "reduce-overhead")
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(UserError, match="--compile_mode max-autotune needs --compile"):
+        train_in_process(train, tmp_path, "refused", "--nepoch", 1, "--compile_mode", "max-autotune")
