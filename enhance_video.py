@@ -29,11 +29,8 @@ from tqdm import tqdm
 from models.inference import enhance_with_features
 from models.loading import load_enhancer, load_memory
 from models.options import (
-    BUNDLED_ENHANCER,
-    add_border_arg,
     add_device_arg,
-    add_enhancer_args,
-    add_memory_args,
+    add_trained_model_args,
     check_border_margin,
     writable_dir,
 )
@@ -133,16 +130,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="output video: the input's frame rate, frame count and size (an odd width or height "
                         "loses its last column or row: the encoders need even sizes); the extension picks the "
                         f"codec: {', '.join(f'{ext} ({codec})' for ext, codec in CODECS.items())}")
-    p.add_argument("--weights", default=BUNDLED_ENHANCER,
-                   help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
-    p.add_argument("--mem_weights", default=None,
-                   help="external memory checkpoint: corrects each frame's colour (none: enhancer only)")
     p.add_argument("--smooth", type=float, default=0.9,
                    help="S in [0, 1): the memory's recalled colour is averaged over frames as "
                         "m_t = S m_(t-1) + (1 - S) r_t against flicker; 0 = every frame on its own")
-    add_enhancer_args(p, defaults_from_checkpoint=True)
-    add_border_arg(p)
-    add_memory_args(p)
+    add_trained_model_args(p, "external memory checkpoint: corrects each frame's colour (none: enhancer only)")
     add_device_arg(p)
     return p
 

@@ -35,10 +35,7 @@ from models.inference import MULTIPLE
 from models.loading import load_enhancer, load_memory
 from models.memory import ExternalMemory
 from models.options import (
-    BUNDLED_ENHANCER,
-    add_border_arg,
-    add_enhancer_args,
-    add_memory_args,
+    add_trained_model_args,
     check_border_margin,
     writable_dir,
 )
@@ -154,16 +151,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export the EMNet enhancer (and its memory) to ONNX with "
                                             "dynamic image height and width",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default=BUNDLED_ENHANCER,
-                   help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
-    p.add_argument("--mem_weights", default=None,
-                   help="external memory checkpoint (enhancer query): adds the output 'mem'")
     p.add_argument("--output", required=True, help="the .onnx file to write (replaced atomically)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=min(OPSETS),
                    help="ONNX opset version (17 is the first with LayerNormalization)")
-    add_enhancer_args(p, defaults_from_checkpoint=True)
-    add_border_arg(p)
-    add_memory_args(p)
+    add_trained_model_args(p, "external memory checkpoint (enhancer query): adds the output 'mem'")
     return p
 
 

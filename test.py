@@ -20,11 +20,8 @@ from models.evaluate import evaluate_pairs, match_enhanced
 from models.fast import budget
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
-    BUNDLED_ENHANCER,
-    add_border_arg,
     add_device_arg,
-    add_enhancer_args,
-    add_memory_args,
+    add_trained_model_args,
     check_border_margin,
     default_result_dir,
     writable_dir,
@@ -45,9 +42,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
     p.add_argument("--result_dir", default=None,
                    help="where results are written; default log_eval/<input name>/<weights name>[+<memory name>]")
-    p.add_argument("--weights", default=BUNDLED_ENHANCER,
-                   help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
-    p.add_argument("--mem_weights", default=None, help="external memory checkpoint: adds mem results")
     p.add_argument("--enhanced_dir", default=None,
                    help="outputs of any other method, named like the inputs: refined by the memory "
                         "instead of running our enhancer")
@@ -66,9 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "cache, downloaded once")
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bf16 autocast for the networks (fast on recent GPUs; scores move by ~0.01 dB)")
-    add_enhancer_args(p, defaults_from_checkpoint=True)
-    add_border_arg(p)
-    add_memory_args(p)
+    add_trained_model_args(p, "external memory checkpoint: adds mem results")
     add_device_arg(p)
     return p
 

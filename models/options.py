@@ -28,6 +28,18 @@ def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool
                         (" (default: from the checkpoint)" if defaults_from_checkpoint else ""))
 
 
+def add_trained_model_args(p: argparse.ArgumentParser, mem_help: str) -> None:
+    """The flags of every script that runs the trained enhancer and, optionally, its memory:
+    --weights, --mem_weights (`mem_help` says what it adds there), --arch/--embed_dim from the
+    checkpoint, --border_margin and the memory's read settings."""
+    p.add_argument("--weights", default=BUNDLED_ENHANCER,
+                   help="enhancer checkpoint: ours or the published {'epoch','state_dict'} format")
+    p.add_argument("--mem_weights", default=None, help=mem_help)
+    add_enhancer_args(p, defaults_from_checkpoint=True)
+    add_border_arg(p)
+    add_memory_args(p)
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run: auto takes CUDA, then Apple MPS, then the CPU")
