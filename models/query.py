@@ -21,6 +21,7 @@ from torch import nn
 
 from models import fast
 from models.enhancer import EMNetEnhancer
+from models.fast import spill
 from models.inference import BORDER_MARGIN, pad_for_network
 from utils.errors import UserError
 from utils.pretrained import pretrained_state_dict
@@ -32,7 +33,11 @@ QUERY_ENCODERS = (*ENHANCER_DESCRIPTORS, "resnet18")
 
 def feature_statistics(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per encoder level, the mean and the std over space of (B, C_l, h, w) features: two lists
-    of (B, C_l) float32 tensors."""
+    of (B, C_l) float32 tensors. Features spilled to disk (photos too large for memory) are read
+    in row chunks (`spill.chunk_statistics`)."""
+    if any(spill.is_spilled(f) for f in features):
+        stats = [spill.chunk_statistics(f) for f in features]
+        return [mean for mean, _ in stats], [std for _, std in stats]
     flat = [f.float().flatten(2) for f in features]
     return [f.mean(dim=2) for f in flat], [f.std(dim=2, unbiased=False) for f in flat]
 

@@ -142,7 +142,15 @@ def test_strip_block_any_height(height, rows):
     t = torch.randn(1, height, 5, 16, generator=torch.Generator().manual_seed(10))
     plan = Plan(strips=True, strip_pixels=5 * rows)
     with torch.no_grad():
-        torch.testing.assert_close(RowStrips(plan).block(blk, t), block(blk, t, plan), atol=TOL, rtol=0)
+        torch.testing.assert_close(RowStrips(plan, t.shape[-1]).block(blk, t), block(blk, t, plan), atol=TOL, rtol=0)
+
+
+def test_strips_on_wider_maps_have_fewer_pixels():
+    """A strip's working memory is about the same at every level: a map with 4x the first level's
+    channels gets strips of a quarter of the pixels."""
+    runner = RowStrips(Plan(strips=True, strip_pixels=40 * 16), channels=8)
+    assert runner._spans(torch.empty(1, 64, 40, 8))[0] == (0, 16)
+    assert runner._spans(torch.empty(1, 64, 40, 32))[0] == (0, 4)
 
 
 def test_row_spans_cover_the_image_in_even_strips():
@@ -174,16 +182,14 @@ def test_cpu_budget_counts_the_process_baseline_once(monkeypatch):
 
 def test_budget_picks_whole_maps_or_strips_by_measured_costs(monkeypatch):
     """With 3 GB for the forward, a 616x416 input at C = 32 runs whole (the default command's
-    speed), a 1040x784 one in strips whose held maps and strip fit the 3 GB; a 12-megapixel one
-    cannot fit (its held maps alone are larger): the smallest useful strips and a warning."""
+    speed), a 1040x784 one in strips whose held maps and strip fit the 3 GB, in memory (larger
+    inputs spill their held maps to disk: tests/test_spill.py)."""
     from models.fast import budget
 
     monkeypatch.setattr(budget, "budget_bytes", lambda device: 3 * 2**30)
     model = EMNetEnhancer(make_config("emnet_enhancer", 32))
     assert budget.plan_strips(model, torch.empty(1, 3, 416, 616)) is None
-    strip = budget.plan_strips(model, torch.empty(1, 3, 784, 1040))
-    assert strip is not None
+    strip, on_disk = budget.plan_strips(model, torch.empty(1, 3, 784, 1040))
+    assert not on_disk
     held = budget.HELD_BYTES * 32 * 784 * 1040
     assert held + budget.STRIP_BYTES * 32 * strip <= 3 * 2**30 + budget.STRIP_BYTES * 32
-    with pytest.warns(UserWarning, match=r"4016x3016 input needs about 1[0-9]\.\d GB"):
-        assert budget.plan_strips(model, torch.empty(1, 3, 3016, 4016)) == budget.MIN_STRIP

@@ -139,3 +139,15 @@ def test_report_intervals_cover_means_and_pair_mem_with_ori():
     lo, hi = ci["mem_minus_ori_psnr"]
     assert 0.4 < lo < 0.5 < hi < 0.6
     assert "mem_minus_ori_ssim" not in ci
+
+
+@pytest.mark.parametrize("shape", [(61, 9, 3), (20, 40, 3), (7, 7, 3)])
+def test_ssim_in_row_chunks_equals_skimage_whole(monkeypatch, shape):
+    """Large images are scored in row chunks: with chunks of a few rows (a last short one too) the
+    SSIM equals scikit-image's on the whole image."""
+    import utils.metrics as metrics
+
+    gt = _rand(4, shape)
+    pred = np.clip(gt.astype(int) + np.random.default_rng(5).integers(-40, 41, shape), 0, 255).astype(np.uint8)
+    monkeypatch.setattr(metrics, "SSIM_CHUNK_PIXELS", 4 * shape[1])
+    assert ssim(pred, gt) == pytest.approx(structural_similarity(gt, pred, channel_axis=2, data_range=255), rel=1e-12)

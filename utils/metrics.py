@@ -26,17 +26,37 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> None:
         raise ValueError(f"metrics take uint8 images, got {pred.dtype} and {gt.dtype}; use to_uint8")
 
 
+SSIM_HALF = 3  # half of scikit-image's default 7x7 window: rows an SSIM value depends on, each side
+SSIM_CHUNK_PIXELS = 2**20  # larger images are scored in row chunks (~0.2 GB each, not ~2 GB at 12 MP)
+
+
 def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
-    """PSNR in dB between two uint8 RGB images (peak 255); inf when they are identical."""
+    """PSNR in dB between two uint8 RGB images (peak 255); inf when they are identical. The squared
+    errors are summed exactly in integers."""
     _check_pair(pred, gt)
-    mse = np.mean((pred.astype(np.float64) - gt.astype(np.float64)) ** 2)
+    diff = pred.astype(np.int32) - gt
+    mse = float(np.square(diff, out=diff).sum(dtype=np.int64)) / diff.size
     return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
-    """SSIM between two uint8 RGB images, scikit-image defaults over the colour channels."""
+    """SSIM between two uint8 RGB images, scikit-image defaults over the colour channels.
+
+    Large images are scored in row chunks with SSIM_HALF rows of context each side: each SSIM
+    value depends only on its 7x7 window, and scikit-image averages the map without its outer
+    SSIM_HALF rows and columns, so the result is the whole-image one up to summation order."""
     _check_pair(pred, gt)
-    return float(structural_similarity(pred, gt, channel_axis=2, data_range=255))
+    height, width = gt.shape[:2]
+    rows = max(SSIM_CHUNK_PIXELS // max(width, 1), 1)
+    if height <= rows or height <= 2 * SSIM_HALF or width <= 2 * SSIM_HALF:
+        return float(structural_similarity(pred, gt, channel_axis=2, data_range=255))
+    total = 0.0
+    for r0 in range(SSIM_HALF, height - SSIM_HALF, rows):
+        r1 = min(r0 + rows, height - SSIM_HALF)
+        a, b = r0 - SSIM_HALF, r1 + SSIM_HALF
+        _, ssim_map = structural_similarity(pred[a:b], gt[a:b], channel_axis=2, data_range=255, full=True)
+        total += ssim_map[SSIM_HALF:-SSIM_HALF, SSIM_HALF:-SSIM_HALF].sum()
+    return float(total / ((height - 2 * SSIM_HALF) * (width - 2 * SSIM_HALF) * gt.shape[2]))
 
 
 def gt_mean_psnr(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -45,9 +65,11 @@ def gt_mean_psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     This uses information from the ground truth; report it only in its own column.
     """
     _check_pair(pred, gt)
-    p = pred.astype(np.float64) / 255.0
-    scale = (gt.astype(np.float64).mean() / 255.0) / max(p.mean(), 1e-8)
-    return psnr(to_uint8(np.clip(p * scale, 0.0, 1.0)), gt)
+    p = pred.astype(np.float64)
+    p /= 255.0
+    scale = (gt.mean(dtype=np.float64) / 255.0) / max(p.mean(), 1e-8)
+    p *= scale
+    return psnr(to_uint8(np.clip(p, 0.0, 1.0, out=p)), gt)
 
 
 def _frame_mask(shape: tuple[int, ...], width: int) -> np.ndarray:

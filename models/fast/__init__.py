@@ -4,6 +4,7 @@
   `EMNET_CPU_KERNELS` switch, the memory budget of `budget.py`);
 - `kernels.py` builds and loads the C kernels (and wraps oneDNN's product);
 - `heap.py` returns freed memory to the OS when the input size changes;
+- `spill.py` keeps the strip runner's whole maps on disk when they exceed the budget;
 - `ops.py` and `blocks.py` compute the transformer block channels-last;
 - `unet.py` holds the U-Net wiring once, followed on whole maps (`unet.WholeMaps`) or over row
   strips (`strips.RowStrips`).
@@ -22,8 +23,8 @@ from models.fast.policy import Plan, plan_for
 from models.fast.strips import RowStrips
 
 
-def _runner(plan: Plan):
-    return RowStrips(plan) if plan.strips else unet.WholeMaps(plan)
+def _runner(plan: Plan, model: EMNetEnhancer):
+    return RowStrips(plan, model.config.embed_dim) if plan.strips else unet.WholeMaps(plan)
 
 
 def forward_features(model: EMNetEnhancer, x: torch.Tensor, plan: Plan | None = None) -> list[torch.Tensor]:
@@ -31,14 +32,14 @@ def forward_features(model: EMNetEnhancer, x: torch.Tensor, plan: Plan | None = 
     plan = plan or plan_for(model, x)
     if x.device.type == "cpu" and not plan.grad:
         heap.settle(tuple(x.shape))
-    return [to_nchw(f) for f in unet.features(model, x, _runner(plan))]
+    return [to_nchw(f) for f in unet.features(model, x, _runner(plan, model))]
 
 
 def forward_head(model: EMNetEnhancer, x: torch.Tensor, features: list[torch.Tensor],
                  plan: Plan | None = None) -> torch.Tensor:
     """`model.forward_head(x, features)`, fast."""
     plan = plan or plan_for(model, x)
-    return unet.head(model, x, [to_nhwc(f) for f in features], _runner(plan))
+    return unet.head(model, x, [to_nhwc(f) for f in features], _runner(plan, model))
 
 
 def forward(model: EMNetEnhancer, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:

@@ -4,8 +4,11 @@ The fast forward's peak memory grows with the pixels and the embedding width C. 
 2-core CPU with the published weights (peak RSS minus the RSS before the forward, 2026-11-29):
 - whole image: 207 bytes per pixel and channel of C (616x416 and 1032x776 alike); WHOLE_BYTES
   keeps a margin;
-- row strips: the block inputs/outputs and skip maps held whole, 37 bytes per pixel and C, plus
-  284 bytes per strip pixel and C (1032x776 at 2^15 and 2^17 strip pixels).
+- row strips: the block inputs/outputs and skip maps held whole, 31-37 bytes per pixel and C, plus
+  54-77 bytes per strip pixel and C (1032x776 at 2^17-2^19 strip pixels, 2000x1504 at 236,000;
+  strips on wider maps have proportionally fewer pixels, and the heap is trimmed after each block).
+When even the held maps exceed the budget, they are spilled to disk (`spill.py`): then only the
+strip and the 3-channel maps (input, output) stay in memory, RESIDENT_BYTES per pixel.
 The budget is `--max_memory` GB (`set_max_memory`), else `EMNET_MAX_MEMORY_GB`, else on the CPU
 min(4 GB, half the memory available), on CUDA 80 % of the free device memory. On the CPU it bounds
 the whole process: what the process held before its first forward (PyTorch, the weights: ~0.8 GB)
@@ -19,12 +22,16 @@ import warnings
 import torch
 from torch import nn
 
+from models.fast import spill
+
 WHOLE_BYTES = 240  # per pixel and channel of C, whole-image forward
 HELD_BYTES = 45  # per pixel and channel of C, maps held whole by the strip runner
-STRIP_BYTES = 320  # per strip pixel and channel of C
+STRIP_BYTES = 100  # per strip pixel and channel of C
+RESIDENT_BYTES = 64  # per pixel (not per channel): input, output and their copies, with spilled maps
 # Pixels per strip. Each strip recomputes two halo rows on each side: below ~2^17 pixels that costs
-# more than it saves (1032x776: 22.8 s at 2^14, 19.2 s at 2^17, 16.2 s whole).
-MIN_STRIP, MAX_STRIP = 2 ** 17, 2 ** 20
+# more than it saves (1032x776: 22.8 s at 2^14, 19.2 s at 2^17, 16.2 s whole); larger strips were
+# no faster (1032x776: 23.6 s at 2^17, 24.6 s at 2^18, 26.6 s at 2^19).
+MIN_STRIP, MAX_STRIP = 2 ** 17, 2 ** 18
 CPU_DEFAULT_GB = 4.0
 
 _max_memory_gb: float | None = None
@@ -75,20 +82,22 @@ def budget_bytes(device: torch.device) -> float:
     return max(total - _baseline_bytes, 0.0)
 
 
-def plan_strips(model: nn.Module, x: torch.Tensor) -> int | None:
-    """None when the whole-image forward of `x` fits the budget, else the pixels per row strip
-    (at least MIN_STRIP). When even the maps held whole exceed the budget, it cannot be met:
-    a warning says how much memory the input needs."""
+def plan_strips(model: nn.Module, x: torch.Tensor) -> tuple[int, bool] | None:
+    """None when the whole-image forward of `x` fits the budget, else (pixels per row strip, at
+    least MIN_STRIP; whether the held maps go to disk). When the held maps do not fit and cannot be
+    spilled (not Linux, or not the CPU), a warning says how much memory the input needs."""
     c = model.config.embed_dim
     pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
     budget = budget_bytes(x.device)
     if WHOLE_BYTES * c * pixels <= budget:
         return None
-    spare = budget - HELD_BYTES * c * pixels
+    held = HELD_BYTES * c * pixels
+    on_disk = held + STRIP_BYTES * c * MIN_STRIP > budget and x.device.type == "cpu" and spill.available()
+    spare = budget - (RESIDENT_BYTES * pixels if on_disk else held)
     strip = int(min(max(spare / (STRIP_BYTES * c), MIN_STRIP), MAX_STRIP))
-    need = (HELD_BYTES * pixels + STRIP_BYTES * strip) * c
+    need = (RESIDENT_BYTES if on_disk else HELD_BYTES * c) * pixels + STRIP_BYTES * strip * c
     if need > budget:
         warnings.warn(f"a {x.shape[-1]}x{x.shape[-2]} input needs about {need / 2**30:.1f} GB for the enhancer "
-                      f"(its feature maps alone), over the {budget / 2**30:.1f} GB budget (--max_memory); "
-                      "it runs anyway", stacklevel=2)
-    return strip
+                      f"({'its strips' if on_disk else 'its feature maps alone'}), over the "
+                      f"{budget / 2**30:.1f} GB budget (--max_memory); it runs anyway", stacklevel=2)
+    return strip, on_disk

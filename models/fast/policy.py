@@ -6,7 +6,8 @@
   strips (there, with the scripts' GLIBC_TUNABLES, oneDNN left the heap 2.7 GB larger at 3 MP for
   a ~4 % gain);
 - `strips`: row strips of `strip_pixels` (`strips.py`) when the whole-image forward would not fit
-  the memory budget (`budget.py`), without gradients only;
+  the memory budget (`budget.py`), without gradients only; `spill`: their held maps on disk
+  (`spill.py`) when even those do not fit;
 - `gemm_pad`: the GDFN's hidden width zero-padded to a multiple of 16 on the CPU, where matrix
   products with such widths run ~2x faster (the padded channels are exactly 0).
 Everything else (channels-last layout, fused LayerNorm, folded attention) always applies.
@@ -32,6 +33,7 @@ class Plan:
     gemm_pad: bool = False
     strips: bool = False
     strip_pixels: int = 2 ** 18
+    spill: bool = False
 
 
 def needs_grad(model: nn.Module, x: torch.Tensor) -> bool:
@@ -39,15 +41,16 @@ def needs_grad(model: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
 
 
-def plan_for(model: nn.Module, x: torch.Tensor, strip_pixels: int | None = None) -> Plan:
+def plan_for(model: nn.Module, x: torch.Tensor, strip_pixels: int | None = None, spill: bool = False) -> Plan:
     """The plan for `model` on input `x` (B, 3, H, W). `strip_pixels`: None = as the memory
-    budget says (`budget.plan_strips`), 0 = whole maps, N = row strips of N pixels."""
+    budget says (`budget.plan_strips`, which also decides `spill`), 0 = whole maps, N = row strips
+    of N pixels (`spill`: held maps on disk)."""
     grad = needs_grad(model, x)
     cpu_fast = x.device.type == "cpu" and x.dtype == torch.float32 and not grad and kernels.enabled()
     if strip_pixels is None and not grad:
-        strip_pixels = plan_strips(model, x)
+        strip_pixels, spill = plan_strips(model, x) or (0, False)
     strips = bool(strip_pixels) and not grad
     return Plan(grad=grad, c_kernels=cpu_fast and kernels.library() is not None,
                 onednn=cpu_fast and not strips and kernels.onednn_available(),
                 gemm_pad=x.device.type == "cpu", strips=strips,
-                strip_pixels=strip_pixels if strips else Plan.strip_pixels)
+                strip_pixels=strip_pixels if strips else Plan.strip_pixels, spill=strips and spill)

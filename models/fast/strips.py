@@ -14,7 +14,8 @@ whole-image forward up to floating-point summation order (tests/test_fast_forwar
 Whole maps on the CPU live in anonymous memory maps rather than on the malloc heap: with the
 GLIBC_TUNABLES setting the scripts use (no mmap, no trimming) freed multi-GB maps of different sizes
 were never reused or returned, and a 12-megapixel photo grew past 22 GB; mapped, they are returned
-on free.
+on free. When even the held maps exceed the memory budget (`plan.spill`), they are kept on disk
+(`spill.py`) and every step hands back the rows it has read or written.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from models.enhancer import TransformerBlock
+from models.fast import heap, spill
 from models.fast.blocks import attention, gdfn, layer_norm, mix, qkv, statistics, value
 from models.fast.ops import linear, to_nchw, to_nhwc
 from models.fast.policy import Plan
@@ -40,13 +42,16 @@ def row_spans(height: int, width: int, strip_pixels: int) -> Iterator[tuple[int,
         yield r0, min(r0 + rows, height)
 
 
-def empty_map(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised tensor of `like`'s dtype and device; large CPU ones memory-mapped."""
+def empty_map(like: torch.Tensor, shape: tuple[int, ...], on_disk: bool = False) -> torch.Tensor:
+    """An uninitialised tensor of `like`'s dtype and device; large CPU ones memory-mapped,
+    `on_disk` in the spill folder."""
     nbytes = like.element_size()
     for n in shape:
         nbytes *= n
     if like.device.type != "cpu" or nbytes < MAPPED_BYTES:
         return like.new_empty(shape)
+    if on_disk:
+        return spill.empty(shape, like.dtype)
     private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
     return torch.frombuffer(mmap.mmap(-1, nbytes, **private), dtype=like.dtype).view(shape)
 
@@ -56,23 +61,40 @@ def _halo(r0: int, r1: int, height: int, halo: int) -> tuple[int, int]:
 
 
 class RowStrips:
-    """Every step of `unet.py` over row strips of `plan.strip_pixels` pixels."""
+    """Every step of `unet.py` over row strips: `plan.strip_pixels` pixels on maps of `channels`
+    channels (the first level), proportionally fewer on wider maps, so that a strip's working
+    memory is about the same at every level."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, channels: int):
         self.plan = plan
         self.strip_pixels = plan.strip_pixels
+        self.channels = channels
+
+    def _spans(self, t: torch.Tensor) -> list[tuple[int, int]]:
+        _, height, width, channels = t.shape
+        return list(row_spans(height, width, max(1, self.strip_pixels * self.channels // channels)))
+
+    def _new(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return empty_map(like, shape, on_disk=self.plan.spill)
+
+    def _done(self, *views: torch.Tensor) -> None:
+        """Rows a step has finished reading or writing leave the process's memory when spilled."""
+        if self.plan.spill:
+            for v in views:
+                spill.release(v)
 
     def block(self, blk: TransformerBlock, t: torch.Tensor) -> torch.Tensor:
         """One transformer block over row strips; the same result as `blocks.block`."""
-        _, height, width, _ = t.shape
-        spans = list(row_spans(height, width, self.strip_pixels))
+        height = t.shape[1]
+        spans = self._spans(t)
         sums = None
         for r0, r1 in spans:
             a, b = _halo(r0, r1, height, 1)
             part = statistics(blk.attn, qkv(blk.attn, layer_norm(blk.norm1, t[:, a:b]), self.plan)[:, r0 - a:r1 - a])
             sums = part if sums is None else tuple(s + p for s, p in zip(sums, part))
+            self._done(t[:, a:b])
         weights = attention(blk.attn, *sums)
-        out = empty_map(t, t.shape)
+        out = self._new(t, t.shape)
         for r0, r1 in spans:
             a, b = _halo(r0, r1, height, 2)
             piece = t[:, a:b]
@@ -81,6 +103,8 @@ class RowStrips:
             y = y[:, ya - a:min(r1 + 1, height) - a]
             z = gdfn(blk.ffn, layer_norm(blk.norm2, y), self.plan, residual=y)
             out[:, r0:r1] = z[:, r0 - ya:r1 - ya]
+            self._done(piece, out[:, r0:r1])
+        heap.trim()  # the next block's strips differ in size: no heap growth from fragments
         return out
 
     def stage(self, blocks: nn.Sequential, t: torch.Tensor) -> torch.Tensor:
@@ -90,16 +114,17 @@ class RowStrips:
 
     def conv3x3(self, conv: nn.Conv2d, t: torch.Tensor, shuffle: nn.Module | None = None) -> torch.Tensor:
         """`shuffle(conv(t))` strip by strip (one halo row each side)."""
-        bsz, height, width, _ = t.shape
+        bsz, height = t.shape[:2]
         out = None
-        for r0, r1 in row_spans(height, width, self.strip_pixels):
+        for r0, r1 in self._spans(t):
             a, b = _halo(r0, r1, height, 1)
             y = conv(to_nchw(t[:, a:b]))[:, :, r0 - a:r1 - a]
             y = to_nhwc(shuffle(y) if shuffle is not None else y)
             scale = y.shape[1] / (r1 - r0)  # output/input height ratio
             if out is None:
-                out = empty_map(t, (bsz, int(height * scale), y.shape[2], y.shape[3]))
+                out = self._new(t, (bsz, int(height * scale), y.shape[2], y.shape[3]))
             out[:, int(r0 * scale):int(r1 * scale)] = y
+            self._done(t[:, a:b], out[:, int(r0 * scale):int(r1 * scale)])
         return out
 
     def merge(self, up: nn.Sequential, d: torch.Tensor, skip: torch.Tensor, reduce: nn.Conv2d | None) -> torch.Tensor:
@@ -107,16 +132,24 @@ class RowStrips:
         bsz, height, width, _ = d.shape
         conv, shuffle = up
         out = None
-        for r0, r1 in row_spans(height, width, self.strip_pixels):
+        for r0, r1 in self._spans(d):
             a, b = _halo(r0, r1, height, 1)
             y = to_nhwc(shuffle(conv(to_nchw(d[:, a:b]))[:, :, r0 - a:r1 - a]))
             y = torch.cat([y, skip[:, 2 * r0:2 * r1]], dim=-1)
             if reduce is not None:
                 y = linear(y, reduce.weight.flatten(1), self.plan)
             if out is None:
-                out = empty_map(d, (bsz, 2 * height, 2 * width, y.shape[-1]))
+                out = self._new(d, (bsz, 2 * height, 2 * width, y.shape[-1]))
             out[:, 2 * r0:2 * r1] = y
+            self._done(d[:, a:b], skip[:, 2 * r0:2 * r1], out[:, 2 * r0:2 * r1])
         return out
 
     def output(self, conv: nn.Conv2d, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return to_nchw(self.conv3x3(conv, d).add_(to_nhwc(x)))
+        """The last conv plus the input image; this 3-channel map stays in memory."""
+        bsz, height, width, _ = d.shape
+        out = empty_map(d, (bsz, height, width, conv.out_channels))
+        for r0, r1 in self._spans(d):
+            a, b = _halo(r0, r1, height, 1)
+            out[:, r0:r1] = to_nhwc(conv(to_nchw(d[:, a:b]))[:, :, r0 - a:r1 - a]).add_(to_nhwc(x[..., r0:r1, :]))
+            self._done(d[:, a:b])
+        return to_nchw(out)
