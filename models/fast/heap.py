@@ -24,14 +24,6 @@ def _malloc_trim():
         return None
 
 
-def trim() -> None:
-    """Return every free page of the heap now (the spilled strip runner calls it after each block:
-    its strips differ in size from level to level)."""
-    release = _malloc_trim()
-    if release is not None:
-        release(0)
-
-
 def settle(shape: tuple[int, ...]) -> bool:
     """Call before a CPU forward of an input of `shape`; True when the heap was trimmed."""
     global _last_shape

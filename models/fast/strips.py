@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.enhancer import TransformerBlock
-from models.fast import heap, spill
+from models.fast import spill
 from models.fast.blocks import attention, gdfn, layer_norm, mix, qkv, statistics, value
 from models.fast.ops import linear, to_nchw, to_nhwc
 from models.fast.policy import Plan
@@ -104,7 +104,6 @@ class RowStrips:
             z = gdfn(blk.ffn, layer_norm(blk.norm2, y), self.plan, residual=y)
             out[:, r0:r1] = z[:, r0 - ya:r1 - ya]
             self._done(piece, out[:, r0:r1])
-        heap.trim()  # the next block's strips differ in size: no heap growth from fragments
         return out
 
     def stage(self, blocks: nn.Sequential, t: torch.Tensor) -> torch.Tensor:
