@@ -29,8 +29,8 @@ HELD_BYTES = 45  # per pixel and channel of C, maps held whole by the strip runn
 STRIP_BYTES = 100  # per strip pixel and channel of C
 RESIDENT_BYTES = 64  # per pixel (not per channel): input, output and their copies, with spilled maps
 # Pixels per strip. Each strip recomputes two halo rows on each side: below ~2^17 pixels that costs
-# more than it saves (1032x776: 22.8 s at 2^14, 19.2 s at 2^17, 16.2 s whole); larger strips were
-# no faster (1032x776: 23.6 s at 2^17, 24.6 s at 2^18, 26.6 s at 2^19).
+# more than it saves (1032x776: 22.8 s at 2^14, 19.2 s at 2^17, 16.2 s whole); larger strips are
+# no faster and only cost memory (1032x776: 19.1-20.4 s at 2^17, 18.9-19.0 s at 2^18, 19.1 s at 2^19).
 MIN_STRIP, MAX_STRIP = 2 ** 17, 2 ** 18
 CPU_DEFAULT_GB = 4.0
 
