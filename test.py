@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_memory", type=float, default=None,
                    help="memory budget in GB (on the CPU the whole process's, on CUDA the forward's): "
                         "larger photos run in exact row strips, on the CPU with their feature maps on disk "
-                        "(EMNET_SPILL_DIR, default the temporary folder) when even those do not fit "
+                        "(EMNET_SPILL_DIR, default the temporary folder or /var/tmp if that is tmpfs) when even those do not fit "
                         "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
     p.add_argument("--lpips", action="store_true",
                    help="also score LPIPS v0.1 (AlexNet; lower is better): ori_lpips / mem_lpips columns")

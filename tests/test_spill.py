@@ -101,3 +101,25 @@ def test_chunk_statistics_equal_the_whole_reduction():
     mean, std = spill.chunk_statistics(f, chunk_bytes=2 * 5 * 11 * 4 * 4)  # 4 rows a chunk
     torch.testing.assert_close(mean, f.mean(dim=(2, 3)))
     torch.testing.assert_close(std, f.flatten(2).std(dim=2, unbiased=False))
+
+
+def test_filesystem_of_takes_the_longest_mount_point(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /tmp/big\\040disk xfs rw 0 0\n"
+                      "broken line\n")
+    assert spill.filesystem_of("/tmp/x", str(mounts)) == "tmpfs"
+    assert spill.filesystem_of("/tmp/big disk/y", str(mounts)) == "xfs"
+    assert spill.filesystem_of("/tmpfoo", str(mounts)) == "ext4"
+    assert spill.filesystem_of("/x", str(tmp_path / "missing")) is None
+
+
+def test_spill_dir_avoids_a_temporary_folder_in_memory(monkeypatch, tmp_path):
+    """Spilling into tmpfs would keep the maps in memory: /var/tmp is used instead, unless
+    EMNET_SPILL_DIR names a folder."""
+    monkeypatch.delenv("EMNET_SPILL_DIR", raising=False)
+    monkeypatch.setattr(spill, "filesystem_of", lambda folder: "tmpfs")
+    assert spill.spill_dir() == "/var/tmp"
+    monkeypatch.setattr(spill, "filesystem_of", lambda folder: "ext4")
+    assert spill.spill_dir() == spill.tempfile.gettempdir()
+    monkeypatch.setenv("EMNET_SPILL_DIR", str(tmp_path))
+    assert spill.spill_dir() == str(tmp_path)

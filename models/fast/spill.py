@@ -7,8 +7,10 @@ has read or written back with `release` (madvise MADV_DONTNEED). The data stay i
 kernel's page cache, written to disk when memory is short), so only the strip being worked on
 counts in the process's memory. Reading a released row again faults it back in from the cache.
 
-The folder is `EMNET_SPILL_DIR`, else the system's temporary folder. Its space is reserved when a
-map is made (posix_fallocate), so a full disk is a clear error, not a crash on a write.
+The folder is `EMNET_SPILL_DIR`, else the system's temporary folder, unless that lives in memory
+(tmpfs, as /tmp on Fedora or Arch: spilling there would save nothing), then /var/tmp. Its space is
+reserved when a map is made (posix_fallocate), so a full disk is a clear error, not a crash on a
+write.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from utils.errors import UserError
 
 PAGE = mmap.PAGESIZE
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
 _maps: dict[int, tuple[weakref.ref, int]] = {}  # base address -> (the mapping, its bytes)
 
 
@@ -30,9 +33,34 @@ def available() -> bool:
     return hasattr(mmap, "MADV_DONTNEED") and hasattr(os, "posix_fallocate")
 
 
+def filesystem_of(folder: str, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type `folder` lives on (the longest mount point above it), None if unknown."""
+    path = os.path.realpath(folder)
+    best, kind = "", None
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return None
+    return kind
+
+
 def spill_dir() -> str:
     """The folder spilled maps are written to."""
-    return os.environ.get("EMNET_SPILL_DIR") or tempfile.gettempdir()
+    chosen = os.environ.get("EMNET_SPILL_DIR")
+    if chosen:
+        return chosen
+    folder = tempfile.gettempdir()
+    if filesystem_of(folder) in RAM_FILESYSTEMS and os.path.isdir("/var/tmp"):
+        return "/var/tmp"
+    return folder
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
