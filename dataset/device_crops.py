@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from dataset.augment import dihedral
-from dataset.paired_folder import read_training_pair
+from dataset.paired_folder import read_training_set
 from dataset.pairing import ImagePair
-from utils.errors import UserError
 from utils.image_io import to_uint8
 
 _DRAW_RANGE = 2**62  # offsets are draws in [0, 2**62) modulo the offset count: a bias below 1e-15
@@ -28,9 +27,7 @@ def _chw_uint8(img: np.ndarray) -> torch.Tensor:
 def read_training_pairs(pairs: list[ImagePair], patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Decode every pair as uint8 (3, H, W) tensors, with `PairedCrops`' checks (empty set, no
     ground truth, an image smaller than the patch). 16-bit files are rounded to 8 bits."""
-    if not pairs:
-        raise UserError("the training set is empty; check --train_dir")
-    return [tuple(map(_chw_uint8, read_training_pair(pair, patch_size))) for pair in pairs]
+    return [tuple(map(_chw_uint8, images)) for images in read_training_set(pairs, patch_size)]
 
 
 def dihedral_sources(patch_size: int) -> torch.Tensor:

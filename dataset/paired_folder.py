@@ -23,17 +23,22 @@ def read_pair(pair: ImagePair) -> tuple[np.ndarray, np.ndarray | None]:
     return low, high
 
 
-def read_training_pair(pair: ImagePair, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both images of a training pair; no ground truth, or an image smaller than the patch, is a
-    UserError naming the file."""
-    low, high = read_pair(pair)
-    if high is None:
-        raise UserError(f"{pair.low} has no ground truth image; training needs low/ and high/")
-    h, w = low.shape[:2]
-    if h < patch_size or w < patch_size:
-        raise UserError(f"{pair.low} is {w}x{h}, smaller than --train_ps {patch_size}; "
-                        "use a smaller --train_ps or remove the image")
-    return low, high
+def read_training_set(pairs: list[ImagePair], patch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both images of every training pair. An empty set, a pair without ground truth or an image
+    smaller than the patch is a UserError naming the file."""
+    if not pairs:
+        raise UserError("the training set is empty; check --train_dir")
+    images = []
+    for pair in pairs:
+        low, high = read_pair(pair)
+        if high is None:
+            raise UserError(f"{pair.low} has no ground truth image; training needs low/ and high/")
+        h, w = low.shape[:2]
+        if h < patch_size or w < patch_size:
+            raise UserError(f"{pair.low} is {w}x{h}, smaller than --train_ps {patch_size}; "
+                            "use a smaller --train_ps or remove the image")
+        images.append((low, high))
+    return images
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:
@@ -66,11 +71,9 @@ class PairedCrops(Dataset):
     """
 
     def __init__(self, pairs: list[ImagePair], patch_size: int):
-        if not pairs:
-            raise UserError("the training set is empty; check --train_dir")
         self.pairs = pairs
         self.patch_size = patch_size
-        self.images = [tuple(map(_chw, read_training_pair(pair, patch_size))) for pair in pairs]
+        self.images = [tuple(map(_chw, images)) for images in read_training_set(pairs, patch_size)]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -65,19 +65,20 @@ def spill_dir() -> str:
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory is an unlinked file in `spill_dir()`."""
-    nbytes = torch.empty((), dtype=dtype).element_size()
+    count = 1
     for n in shape:
-        nbytes *= n
+        count *= n
+    nbytes = max(count * dtype.itemsize, 1)  # a zero-length file cannot be mapped
     folder = spill_dir()
     with tempfile.TemporaryFile(dir=folder, prefix="emnet-spill-") as f:
         try:
-            os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))
+            os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as err:
             raise UserError(f"no room for a {nbytes / 2**30:.1f} GB feature map in {folder} ({err.strerror}); "
                             "free disk space there, set EMNET_SPILL_DIR to a folder with room, "
                             "or raise --max_memory") from None
-        mapping = mmap.mmap(f.fileno(), max(nbytes, 1), flags=mmap.MAP_SHARED)
-    t = torch.frombuffer(mapping, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size())
+        mapping = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_SHARED)
+    t = torch.frombuffer(mapping, dtype=dtype, count=count)
     base = t.data_ptr()
     ref = weakref.ref(mapping, lambda _, base=base: _maps.pop(base, None))
     _maps[base] = (ref, nbytes)
