@@ -104,11 +104,10 @@ def fix_budget(plan: dict[str, Any], sec_per_iter: float, spent_s: float, overhe
     total = torch.full((), -1, dtype=torch.int64, device=device)  # -1: the budget is too small
     error = UserError("the time budget is too small (rank 0 says why)")
     if info.is_main:
-        overhead = overhead_s
         try:
             total.fill_(iterations_for_budget(plan["budget_s"], spent_s, iteration, sec_per_iter,
-                                              plan["warmup_iters"], overhead, iters_per_epoch))
-            log.line(f"time budget: {sec_per_iter:.4f} s/iteration, {overhead:.2f} s between epochs, "
+                                              plan["warmup_iters"], overhead_s, iters_per_epoch))
+            log.line(f"time budget: {sec_per_iter:.4f} s/iteration, {overhead_s:.2f} s between epochs, "
                      f"{spent_s:.0f} s spent: {int(total)} iterations in all "
                      f"({int(total) / iters_per_epoch:.1f} epochs, warm-up {plan['warmup_iters']})")
         except UserError as err:
