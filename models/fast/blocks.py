@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.enhancer import GDFN, MDTA, ChannelLayerNorm, TransformerBlock
-from models.fast.ops import depthwise3x3, depthwise3x3_squares, gated_depthwise3x3, linear, pointwise
+from models.fast.ops import depthwise3x3, depthwise3x3_squares, gated_depthwise3x3, linear
 from models.fast.policy import Plan
 
 GEMM_MULTIPLE = 16  # matrix products with widths that are multiples of 16 run ~2x faster on CPU
@@ -25,36 +25,40 @@ def layer_norm(norm: ChannelLayerNorm, t: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(t, (t.shape[-1],), norm.body.weight, norm.body.bias, norm.eps)
 
 
-def qkv(attn: MDTA, t: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """q, k, v of a normalised (B, H, W, C) input, concatenated: (B, H, W, 3C)."""
-    return depthwise3x3(attn.qkv_dwconv.weight, pointwise(attn.qkv, t, plan), plan)
+def query_key(attn: MDTA, t: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q and k of a normalised (B, H, W, C) input, concatenated: (B, H, W, 2C), and, where the C
+    kernel runs, the per-channel sums of their squares (B, 2C) from the same pass (else None)."""
+    c = t.shape[-1]
+    w = attn.qkv.weight.flatten(1)[:2 * c]
+    return depthwise3x3_squares(attn.qkv_dwconv.weight[:2 * c], linear(t, w, plan), plan)
 
 
 def value(attn: MDTA, t: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Only v (B, H, W, C): the last third of `qkv`, at a third of the cost."""
+    """v of a normalised (B, H, W, C) input: (B, H, W, C), contiguous apart from q and k, so the
+    output projection reads it as one dense matrix."""
     c = t.shape[-1]
     v = linear(t, attn.qkv.weight.flatten(1)[2 * c:], plan)
     return depthwise3x3(attn.qkv_dwconv.weight[2 * c:], v, plan)
 
 
-def statistics(attn: MDTA, qkv_t: torch.Tensor, squares: torch.Tensor | None = None
+def statistics(attn: MDTA, qk: torch.Tensor, squares: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over pixels, per head: q k^T (B, heads, C/h, C/h), |q|^2 and |k|^2 (B, heads, C/h).
 
-    `squares` (B, 3C), the per-channel sums of qkv^2 from the C kernel, saves computing them here.
+    `squares` (B, 2C), the per-channel sums of qk^2 from the C kernel, saves computing them here.
     """
-    b, h, w, c3 = qkv_t.shape
-    d = c3 // (3 * attn.heads)
-    q, k, _ = qkv_t.view(b, h * w, 3, attn.heads, d).unbind(2)  # (B, HW, heads, C/h)
+    b, h, w, c2 = qk.shape
+    d = c2 // (2 * attn.heads)
+    q, k = qk.view(b, h * w, 2, attn.heads, d).unbind(2)  # (B, HW, heads, C/h)
     q, k = q.permute(0, 2, 3, 1), k.permute(0, 2, 1, 3)  # (B, heads, C/h, HW), (B, heads, HW, C/h)
     if b * attn.heads == 1 and (h * w) % PIXEL_SPLITS == 0:
-        parts = qkv_t.view(PIXEL_SPLITS, -1, c3)  # strided views: no copies
-        gram = torch.bmm(parts[..., :d].transpose(1, 2), parts[..., d:2 * d]).sum(0).view(1, 1, d, d)
+        parts = qk.view(PIXEL_SPLITS, -1, c2)  # strided views: no copies
+        gram = torch.bmm(parts[..., :d].transpose(1, 2), parts[..., d:]).sum(0).view(1, 1, d, d)
     else:
         gram = q @ k
     if squares is None:
         return gram, q.square().sum(-1), k.square().sum(-2)
-    squares = squares.view(b, 3, attn.heads, d)
+    squares = squares.view(b, 2, attn.heads, d)
     return gram, squares[:, 0], squares[:, 1]
 
 
@@ -69,11 +73,15 @@ def attention(attn: MDTA, gram: torch.Tensor, q_sq: torch.Tensor, k_sq: torch.Te
     return (cos * attn.temperature).softmax(dim=-1)
 
 
-def mix(attn: MDTA, weights: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """project_out(attention v) (+ residual) for v (B, H, W, C): one (C x C) matrix per image."""
+def mix(attn: MDTA, weights: torch.Tensor, v: torch.Tensor, plan: Plan,
+        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """project_out(attention v) (+ residual) for v (B, H, W, C): one (C x C) matrix per image, a
+    1x1 conv's product for a single image."""
     b, h, w, c = v.shape
     proj = attn.project_out.weight.view(c, attn.heads, c // attn.heads)  # (out, heads, C/h)
     fused = torch.einsum("onj,bnjk->bnko", proj, weights).reshape(b, c, c)  # (B, in, out)
+    if b == 1:
+        return linear(v, fused[0].t().contiguous(), plan, residual)
     v = v.reshape(b, h * w, c)
     if residual is None:
         return (v @ fused).view(b, h, w, c)
@@ -82,9 +90,8 @@ def mix(attn: MDTA, weights: torch.Tensor, v: torch.Tensor, residual: torch.Tens
 
 def mdta(attn: MDTA, t: torch.Tensor, plan: Plan, residual: torch.Tensor | None = None) -> torch.Tensor:
     """MDTA of a normalised (B, H, W, C) input (+ residual)."""
-    qkv_t, squares = depthwise3x3_squares(attn.qkv_dwconv.weight, pointwise(attn.qkv, t, plan), plan)
-    weights = attention(attn, *statistics(attn, qkv_t, squares))
-    return mix(attn, weights, qkv_t[..., 2 * t.shape[-1]:], residual)
+    weights = attention(attn, *statistics(attn, *query_key(attn, t, plan)))
+    return mix(attn, weights, value(attn, t, plan), plan, residual)
 
 
 def gdfn_weights(ffn: GDFN, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

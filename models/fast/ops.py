@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from models.fast import kernels
 from models.fast.policy import Plan
@@ -33,11 +32,6 @@ def linear(t: torch.Tensor, weight: torch.Tensor, plan: Plan, residual: torch.Te
         return F.linear(t, weight)
     c = weight.shape[0]
     return torch.addmm(residual.reshape(-1, c), t.reshape(-1, t.shape[-1]), weight.t()).view(residual.shape)
-
-
-def pointwise(conv: nn.Conv2d, t: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """A bias-free 1x1 conv on (B, H, W, C): one matrix product (PyTorch's CPU 1x1 conv is slower)."""
-    return linear(t, conv.weight.flatten(1), plan)
 
 
 def _kernel_fits(plan: Plan, *ts: torch.Tensor) -> bool:

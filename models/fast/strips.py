@@ -27,7 +27,7 @@ from torch import nn
 
 from models.enhancer import TransformerBlock
 from models.fast import spill
-from models.fast.blocks import attention, gdfn, layer_norm, mix, qkv, statistics, value
+from models.fast.blocks import attention, gdfn, layer_norm, mix, query_key, statistics, value
 from models.fast.ops import linear, to_nchw, to_nhwc
 from models.fast.policy import Plan
 
@@ -90,7 +90,8 @@ class RowStrips:
         sums = None
         for r0, r1 in spans:
             a, b = _halo(r0, r1, height, 1)
-            part = statistics(blk.attn, qkv(blk.attn, layer_norm(blk.norm1, t[:, a:b]), self.plan)[:, r0 - a:r1 - a])
+            qk, _ = query_key(blk.attn, layer_norm(blk.norm1, t[:, a:b]), self.plan)
+            part = statistics(blk.attn, qk[:, r0 - a:r1 - a])
             sums = part if sums is None else tuple(s + p for s, p in zip(sums, part))
             self._done(t[:, a:b])
         weights = attention(blk.attn, *sums)
@@ -98,7 +99,7 @@ class RowStrips:
         for r0, r1 in spans:
             a, b = _halo(r0, r1, height, 2)
             piece = t[:, a:b]
-            y = mix(blk.attn, weights, value(blk.attn, layer_norm(blk.norm1, piece), self.plan), residual=piece)
+            y = mix(blk.attn, weights, value(blk.attn, layer_norm(blk.norm1, piece), self.plan), self.plan, residual=piece)
             ya, _ = _halo(r0, r1, height, 1)  # y is exact on [r0 - 1, r1 + 1) (clipped to the image)
             y = y[:, ya - a:min(r1 + 1, height) - a]
             z = gdfn(blk.ffn, layer_norm(blk.norm2, y), self.plan, residual=y)
