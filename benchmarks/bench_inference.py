@@ -1,7 +1,8 @@
 """Inference speed per preset: median latency per image, images/s, peak memory and achieved
 GFLOP/s against this machine's measured matrix-product peak, for the fast path (models/fast/) and
 for the plain network of models/enhancer.py ("reference": the original code's ops, except its
-LayerNorm, which is the fused F.layer_norm here), and the cost of the external memory (query + read + correction) at mem_size 9000.
+LayerNorm, which is the fused F.layer_norm here), and the cost of the external memory (query +
+read + correction) at mem_size 9000.
 
     python benchmarks/bench_inference.py                         # CPU, 600x400, all presets
     python benchmarks/bench_inference.py --device cuda --variants fast,bf16,compiled,reference
