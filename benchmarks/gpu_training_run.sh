@@ -21,14 +21,14 @@ SAVE_DIR=${SAVE_DIR:-./log}
 ARCH=${ARCH:-emnet_enhancer}
 EMBED_DIM=${EMBED_DIM:-32}
 BATCH_SIZE=${BATCH_SIZE:-4}
-TIME_BUDGET=${TIME_BUDGET:-6}             # minutes for the whole training run
+TIME_BUDGET=${TIME_BUDGET:-5}             # minutes for the whole training run
 VAL_TIME=${VAL_TIME:-10}                  # validate every N epochs: the curve of val PSNR against crops seen
 AMP=${AMP:-bf16}
 DEVICE=${DEVICE:-cuda}
 BENCH_STEPS=${BENCH_STEPS:-20}
 PIECE=${PIECE:-15m}                        # size of one returned piece of the weights (split -b)
 BEFORE_DIR=${BEFORE_DIR:-}
-BEFORE_ITERS=${BEFORE_ITERS:-200}
+BEFORE_ITERS=${BEFORE_ITERS:-120}
 
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 mkdir -p "$OUT_DIR" "$DATA_DIR/low" "$DATA_DIR/high"
