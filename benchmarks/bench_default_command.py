@@ -11,10 +11,10 @@ LOL-style folder with the same bundled enhancer weights, one after the other:
   division, scale and shift as separate ops, where ours calls the fused F.layer_norm;
 - plain: models/enhancer.py's network as it is (fused LayerNorm, otherwise the original's ops),
   the stricter comparison.
-Prints the wall times, the two ratios, and the largest 8-bit differences between our `ori` images
+Prints the wall times (medians over `--repeats` interleaved rounds), the two ratios, and the largest 8-bit differences between our `ori` images
 run with --border_margin 0 and the other two's outputs.
 
-    python benchmarks/bench_default_command.py --input_dir ../shared/data/LOL-v1/eval15 --images 3
+    python benchmarks/bench_default_command.py --input_dir ../shared/data/LOL-v1/eval15 --images 3 --repeats 3
 Set GLIBC_TUNABLES as test_script.sh does before timing on a Linux CPU.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,31 +76,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input_dir", required=True, help="LOL-style folder (sizes multiples of 8, e.g. eval15)")
     p.add_argument("--images", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of the three runs, interleaved; medians are compared (a shared machine drifts)")
     p.add_argument("--weights", default=str(REPO / BUNDLED_ENHANCER))
     p.add_argument("--mem_weights", default=str(REPO / BUNDLED_MEMORY))
     args = p.parse_args()
     pairs = find_pairs(args.input_dir)[: args.images]
+    times: dict[str, list[float]] = {"ours": [], "original": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         for side in ("low", "high"):
             (data / side).mkdir(parents=True)
             for pair in pairs:
                 shutil.copy(getattr(pair, side), data / side / getattr(pair, side).name)
-        ours = timed([sys.executable, "test.py", "--input_dir", str(data), "--result_dir", f"{tmp}/ours",
-                      "--weights", args.weights, "--mem_weights", args.mem_weights, "--pictures", "--device", "cpu"])
-        others = {kind: timed([sys.executable, "-c", ENHANCE, args.weights, str(data / "low"), f"{tmp}/{kind}", kind])
-                  for kind in ("original", "plain")}
+        for r in range(args.repeats):
+            times["ours"].append(timed([sys.executable, "test.py", "--input_dir", str(data), "--result_dir",
+                                        f"{tmp}/ours{r}", "--weights", args.weights, "--mem_weights",
+                                        args.mem_weights, "--pictures", "--device", "cpu"]))
+            for kind in ("original", "plain"):
+                times[kind].append(timed([sys.executable, "-c", ENHANCE, args.weights, str(data / "low"),
+                                          f"{tmp}/{kind}", kind]))
         subprocess.run([sys.executable, "test.py", "--input_dir", str(data), "--result_dir", f"{tmp}/m0",
                         "--weights", args.weights, "--device", "cpu", "--border_margin", "0", "--save_images"],
                        cwd=REPO, check=True, capture_output=True)
         diffs = {kind: max(int(np.abs(to_uint8(read_image(f"{tmp}/m0/ori/{p.name}.png")).astype(int)
                                       - to_uint8(read_image(f"{tmp}/{kind}/{p.name}.png")).astype(int)).max())
-                           for p in pairs) for kind in others}
-    print(json.dumps({"images": len(pairs), "ours_default_command_sec": round(ours, 1),
-                      "original_code_enhancer_alone_sec": round(others["original"], 1),
-                      "plain_enhancer_alone_sec": round(others["plain"], 1),
-                      "speedup_vs_original": round(others["original"] / ours, 2),
-                      "speedup_vs_plain": round(others["plain"] / ours, 2),
+                           for p in pairs) for kind in ("original", "plain")}
+    median = {kind: statistics.median(ts) for kind, ts in times.items()}
+    print(json.dumps({"images": len(pairs), "repeats": args.repeats,
+                      "ours_default_command_sec": round(median["ours"], 1),
+                      "original_code_enhancer_alone_sec": round(median["original"], 1),
+                      "plain_enhancer_alone_sec": round(median["plain"], 1),
+                      "speedup_vs_original": round(median["original"] / median["ours"], 2),
+                      "speedup_vs_plain": round(median["plain"] / median["ours"], 2),
+                      "all_sec": {kind: [round(t, 1) for t in ts] for kind, ts in times.items()},
                       "max_8bit_difference_margin0_vs_original": diffs["original"],
                       "max_8bit_difference_margin0_vs_plain": diffs["plain"]}))
 
