@@ -11,8 +11,9 @@ LOL-style folder with the same bundled enhancer weights, one after the other:
   division, scale and shift as separate ops, where ours calls the fused F.layer_norm;
 - plain: models/enhancer.py's network as it is (fused LayerNorm, otherwise the original's ops),
   the stricter comparison.
-Prints the wall times (medians over `--repeats` interleaved rounds), the two ratios, and the largest 8-bit differences between our `ori` images
-run with --border_margin 0 and the other two's outputs.
+Prints the wall times (medians over `--repeats` interleaved rounds), the two ratios, and the
+largest 8-bit differences between our `ori` images run with --border_margin 0 and the other two's
+outputs.
 
     python benchmarks/bench_default_command.py --input_dir ../shared/data/LOL-v1/eval15 --images 3 --repeats 3
 Set GLIBC_TUNABLES as test_script.sh does before timing on a Linux CPU.

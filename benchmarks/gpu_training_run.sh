@@ -41,10 +41,12 @@ echo "training pairs: $(ls "$DATA_DIR/low" | wc -l) low, $(ls "$DATA_DIR/high" |
 
 # Speed of one training step: the model step alone (the old loop's benchmark), then with the crops
 # drawn on the device as the new loop does.
-"$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --amp "$AMP" --presets "$ARCH:$EMBED_DIM" \
-  --batch_size "$BATCH_SIZE" --steps "$BENCH_STEPS" --json >"$OUT_DIR/bench_train.jsonl"
-"$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --amp "$AMP" --presets "$ARCH:$EMBED_DIM" \
-  --batch_size "$BATCH_SIZE" --steps "$BENCH_STEPS" --data_on_device --json >>"$OUT_DIR/bench_train.jsonl"
+: >"$OUT_DIR/bench_train.jsonl"
+for crops in "" --data_on_device; do
+  # shellcheck disable=SC2086
+  "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --amp "$AMP" --presets "$ARCH:$EMBED_DIM" \
+    --batch_size "$BATCH_SIZE" --steps "$BENCH_STEPS" --json $crops >>"$OUT_DIR/bench_train.jsonl"
+done
 
 if [ -n "$BEFORE_DIR" ]; then
   data=$(cd "$DATA_DIR" && pwd) && save=$(mkdir -p "$SAVE_DIR" && cd "$SAVE_DIR" && pwd)

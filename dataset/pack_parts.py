@@ -21,6 +21,7 @@ import numpy as np
 from dataset.pairing import find_pairs
 from utils.atomic import atomic_write
 from utils.errors import UserError, run_cli
+from utils.image_io import decode_stored
 
 KEPT_AS_IS = (".webp", ".jpg", ".jpeg")  # already compressed: re-encoding would not shrink them losslessly
 
@@ -31,10 +32,7 @@ def lossless_bytes(path: Path) -> tuple[bytes, str]:
     raw = path.read_bytes()
     if path.suffix.lower() in KEPT_AS_IS:
         return raw, path.suffix.lower()
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise UserError(f"cannot read image {path}: the file is missing, truncated or not an image; "
-                        "replace it or remove it from the folder")
+    img = decode_stored(path)
     ok, buf = cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101])  # above 100: lossless
     back = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if ok else None
     if back is None or back.shape != img.shape or not np.array_equal(back, img):

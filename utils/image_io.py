@@ -21,14 +21,20 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as float32 RGB in [0, 1], shape (H, W, 3)."""
+def decode_stored(path: str | Path) -> np.ndarray:
+    """The image as stored in the file (cv2's channel order and dtype), or a one-line UserError."""
     path = Path(path)
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if img is None:
         raise UserError(f"cannot read image {path}: the file is missing, truncated or not an image; "
                         "replace it or remove it from the folder")
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as float32 RGB in [0, 1], shape (H, W, 3)."""
+    img = decode_stored(path)
     if img.dtype == np.uint8:
         img = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
