@@ -1,5 +1,5 @@
 /* Depthwise 3x3 convolutions for channels-last CPU tensors, built on first use by
- * models/cpu_kernels.py and called through ctypes.
+ * models/fast/kernels.py and called through ctypes.
  *
  * Why: the enhancer spends a quarter of its CPU time in depthwise 3x3 convs and the GDFN gate
  * gelu(a) * b that follows them. Here each output pixel's 16 channels are accumulated in one
