@@ -12,7 +12,7 @@ PACKAGES = ("utils", "dataset", "models")
 
 
 def project_files() -> list[Path]:
-    skip = {".venv", "log", "log_eval", "datasets", ".git"}
+    skip = {".venv", "log", "log_eval", "datasets", ".git", ".gpu_data"}  # .gpu_data: packed data, an old checkout
     return [p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)]
 
 
