@@ -79,6 +79,39 @@ def test_plan_keeps_kernels_and_strips_away_from_gradients(monkeypatch):
         assert plan_for(model, x).strips
 
 
+@pytest.mark.parametrize("strip_pixels", [0, 40 * 6])
+def test_cpu_bf16_autocast_runs_pytorch_ops(strip_pixels):
+    """Under a CPU bf16 autocast (`test.py --amp bf16`) the plan leaves the float32-only C kernels
+    and oneDNN products and PyTorch's autocast runs the products in bf16: whole maps and strips
+    give outputs close to the float32 ones (mean error within 2 % of their spread; bf16 keeps 8
+    bits), and not equal to them."""
+    model = random_enhancer("emnet_enhancer", 32, seed=5)
+    x = torch.rand(1, 3, 56, 40, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        exact = fast.forward(model, x, fast.plan_for(model, x, strip_pixels=strip_pixels))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plan = fast.plan_for(model, x, strip_pixels=strip_pixels)
+            low = fast.forward(model, x, plan).float()
+    assert not (plan.c_kernels or plan.onednn) and plan.strips == bool(strip_pixels)
+    error = (low - exact).abs()
+    assert error.max() > 0 and error.mean() < 0.02 * exact.std()
+
+
+def test_kernel_checks_pass_under_autocast():
+    """The kernels' first-use checks compare against float32 PyTorch ops even when the first
+    forward runs under a bf16 autocast (they used to fail there with a dtype error)."""
+    kernels.library.cache_clear()
+    kernels.onednn_available.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            built, onednn = kernels.library(), kernels.onednn_available()
+    finally:
+        kernels.library.cache_clear()
+        kernels.onednn_available.cache_clear()
+    assert built is not None or kernels._compiler() is None
+    assert onednn == torch.backends.mkldnn.is_available()
+
+
 def test_gdfn_hidden_width_is_padded_with_exact_zeros():
     """On the CPU the GDFN's hidden 85 (dim 32) is padded to 96 for faster matrix products; the
     stored weights keep the published shapes and the padded rows/columns are zeros."""

@@ -192,6 +192,21 @@ def test_published_format_with_flags(main_run, make_checkpoint):
     assert not (result / "ori").exists()  # no --save_images, no images
 
 
+def test_amp_bf16_on_the_cpu(main_run):
+    """`--amp bf16 --device cpu` runs (it crashed in the fast path's float32 kernels) and its
+    scores stay near the float32 run's on the same weights and pairs."""
+    result = main_run["tmp"] / "bf16"
+    proc = run_test_py("--weights", main_run["weights"], "--input_dir", main_run["data"], "--result_dir", result,
+                       "--device", "cpu", "--amp", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((result / "summary.json").read_text())["amp"] == "bf16"
+    _, exact = read_csv(main_run["result"] / "metrics.csv")
+    _, low = read_csv(result / "metrics.csv")
+    assert [r["name"] for r in low] == [r["name"] for r in exact]
+    for a, b in zip(exact, low):
+        assert float(b["ori_psnr"]) == pytest.approx(float(a["ori_psnr"]), abs=0.05)
+
+
 @pytest.mark.parametrize("layout", ["low_only", "flat"])
 def test_folder_without_ground_truth(tmp_path, make_checkpoint, layout):
     """Without high/ (low/ alone, or a flat folder) the images are enhanced at their own odd

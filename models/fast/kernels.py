@@ -164,7 +164,7 @@ def _passes_check(lib: ctypes.CDLL) -> bool:
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(2, 5, 7, 32, generator=g) for _ in range(2))
     wa, wb = (torch.randn(32, 1, 3, 3, generator=g) for _ in range(2))
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # first use may be under --amp
         conv_a = F.conv2d(a.permute(0, 3, 1, 2), wa, padding=1, groups=32).permute(0, 2, 3, 1)
         conv_b = F.conv2d(b.permute(0, 3, 1, 2), wb, padding=1, groups=32).permute(0, 2, 3, 1)
         out, squares = depthwise3x3_squares(a, wa, lib)
@@ -183,13 +183,13 @@ def onednn_available() -> bool:
         return False
     g = torch.Generator().manual_seed(0)
     x, w, r = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)
-    try:
-        with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # first use may be under --amp
+        try:
             plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             added = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, None, "add")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    expected = F.linear(x, w)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+        expected = F.linear(x, w)
     return torch.allclose(plain, expected, atol=1e-5) and torch.allclose(added, expected + r, atol=1e-5)
 
 

@@ -46,7 +46,8 @@ def plan_for(model: nn.Module, x: torch.Tensor, strip_pixels: int | None = None,
     budget says (`budget.plan_strips`, which also decides `spill`), 0 = whole maps, N = row strips
     of N pixels (`spill`: held maps on disk)."""
     grad = needs_grad(model, x)
-    cpu_fast = x.device.type == "cpu" and x.dtype == torch.float32 and not grad and kernels.enabled()
+    cpu_fast = (x.device.type == "cpu" and x.dtype == torch.float32 and not grad and kernels.enabled()
+                and not torch.is_autocast_enabled("cpu"))  # the kernels and products are float32 only
     if strip_pixels is None and not grad:
         strip_pixels, spill = plan_strips(model, x) or (0, False)
     strips = bool(strip_pixels) and not grad
