@@ -1,7 +1,8 @@
 """The one place that decides how the enhancer is executed for an input.
 
 - `c_kernels`: the C depthwise kernels (`kernels.py`) on float32 CPU inputs without gradients,
-  where they were built (a C compiler exists) and `EMNET_CPU_KERNELS` is not 0;
+  where they were built (a C compiler exists) and `EMNET_CPU_KERNELS` is not 0; not under a CPU
+  autocast (`test.py --amp bf16`), whose bf16 products PyTorch's own ops then run;
 - `onednn`: oneDNN's matrix products for the 1x1 convs, on the same condition, but not in row
   strips (there, with the scripts' GLIBC_TUNABLES, oneDNN left the heap 2.7 GB larger at 3 MP for
   a ~4 % gain);
