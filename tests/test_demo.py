@@ -147,7 +147,7 @@ def script_run(tmp_path):
     stub.chmod(0o755)
 
     def run(**env_extra: str) -> list[str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("INPUT_DIR", "RESULT_DIR", "DATA_ROOT")}
+        env = {k: v for k, v in os.environ.items() if k not in ("INPUT_DIR", "RESULT_DIR", "DATA_ROOT", "AMP")}
         env.update(PYTHON=str(stub), **env_extra)
         proc = subprocess.run(["sh", "test_script.sh"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=30)
@@ -188,3 +188,11 @@ def test_script_lol_input(script_run):
     assert test.startswith("test.py --input_dir /data/LOL-v1/eval15 ") and "--result_dir" not in test
     (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15", RESULT_DIR="/tmp/mine")
     assert "--result_dir /tmp/mine" in test
+
+
+def test_script_amp(script_run):
+    """fp32 by default; AMP=bf16 is passed on as --amp bf16."""
+    (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15")
+    assert "--amp none" in test
+    (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15", AMP="bf16")
+    assert "--amp bf16" in test
