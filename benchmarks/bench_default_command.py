@@ -13,7 +13,8 @@ LOL-style folder with the same bundled enhancer weights, one after the other:
   the stricter comparison.
 Prints the wall times (medians over `--repeats` interleaved rounds), the two ratios, and the
 largest 8-bit differences between our `ori` images run with --border_margin 0 and the other two's
-outputs.
+outputs. `--bf16` adds a fourth run, ours with `--amp bf16` (the products in bf16: faster on CPUs
+with bf16 instructions, not the default because scores move by ~0.01 dB).
 
     python benchmarks/bench_default_command.py --input_dir ../shared/data/LOL-v1/eval15 --images 3 --repeats 3
 Set GLIBC_TUNABLES as test_script.sh does before timing on a Linux CPU.
@@ -81,19 +82,22 @@ def main() -> None:
                    help="rounds of the three runs, interleaved; medians are compared (a shared machine drifts)")
     p.add_argument("--weights", default=str(REPO / BUNDLED_ENHANCER))
     p.add_argument("--mem_weights", default=str(REPO / BUNDLED_MEMORY))
+    p.add_argument("--bf16", action="store_true", help="also time ours with --amp bf16")
     args = p.parse_args()
     pairs = find_pairs(args.input_dir)[: args.images]
-    times: dict[str, list[float]] = {"ours": [], "original": [], "plain": []}
+    times: dict[str, list[float]] = {"ours": [], "original": [], "plain": []} | ({"ours_bf16": []} if args.bf16 else {})
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         for side in ("low", "high"):
             (data / side).mkdir(parents=True)
             for pair in pairs:
                 shutil.copy(getattr(pair, side), data / side / getattr(pair, side).name)
+        ours = [sys.executable, "test.py", "--input_dir", str(data), "--weights", args.weights, "--mem_weights",
+                args.mem_weights, "--pictures", "--device", "cpu"]
         for r in range(args.repeats):
-            times["ours"].append(timed([sys.executable, "test.py", "--input_dir", str(data), "--result_dir",
-                                        f"{tmp}/ours{r}", "--weights", args.weights, "--mem_weights",
-                                        args.mem_weights, "--pictures", "--device", "cpu"]))
+            times["ours"].append(timed([*ours, "--result_dir", f"{tmp}/ours{r}"]))
+            if args.bf16:
+                times["ours_bf16"].append(timed([*ours, "--result_dir", f"{tmp}/bf16_{r}", "--amp", "bf16"]))
             for kind in ("original", "plain"):
                 times[kind].append(timed([sys.executable, "-c", ENHANCE, args.weights, str(data / "low"),
                                           f"{tmp}/{kind}", kind]))
@@ -104,12 +108,14 @@ def main() -> None:
                                       - to_uint8(read_image(f"{tmp}/{kind}/{p.name}.png")).astype(int)).max())
                            for p in pairs) for kind in ("original", "plain")}
     median = {kind: statistics.median(ts) for kind, ts in times.items()}
+    bf16 = {"ours_amp_bf16_sec": round(median["ours_bf16"], 1),
+            "speedup_amp_bf16_vs_original": round(median["original"] / median["ours_bf16"], 2)} if args.bf16 else {}
     print(json.dumps({"images": len(pairs), "repeats": args.repeats,
                       "ours_default_command_sec": round(median["ours"], 1),
                       "original_code_enhancer_alone_sec": round(median["original"], 1),
                       "plain_enhancer_alone_sec": round(median["plain"], 1),
                       "speedup_vs_original": round(median["original"] / median["ours"], 2),
-                      "speedup_vs_plain": round(median["plain"] / median["ours"], 2),
+                      "speedup_vs_plain": round(median["plain"] / median["ours"], 2), **bf16,
                       "all_sec": {kind: [round(t, 1) for t in ts] for kind, ts in times.items()},
                       "max_8bit_difference_margin0_vs_original": diffs["original"],
                       "max_8bit_difference_margin0_vs_plain": diffs["plain"]}))
