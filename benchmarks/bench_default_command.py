@@ -14,7 +14,7 @@ LOL-style folder with the same bundled enhancer weights, one after the other:
 Prints the wall times (medians over `--repeats` interleaved rounds), the two ratios, and the
 largest 8-bit differences between our `ori` images run with --border_margin 0 and the other two's
 outputs. `--bf16` adds a fourth run, ours with `--amp bf16` (the products in bf16: faster on CPUs
-with bf16 instructions, not the default because scores move by ~0.01 dB).
+with bf16 instructions, not the default because scores move by a few hundredths of a dB).
 
     python benchmarks/bench_default_command.py --input_dir ../shared/data/LOL-v1/eval15 --images 3 --repeats 3
 Set GLIBC_TUNABLES as test_script.sh does before timing on a Linux CPU.
