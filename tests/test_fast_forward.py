@@ -114,6 +114,19 @@ def test_kernel_checks_pass_under_autocast():
         kernels.onednn_available.cache_clear()
 
 
+@pytest.mark.slow  # compiles the network: ~30 s on 2 cores
+def test_torch_compile_of_the_fast_path_on_the_cpu():
+    """`torch.compile` of the fast path traces PyTorch ops on whole maps (the ctypes kernels,
+    oneDNN's product and the heap trim cannot be traced; inductor failed on them) and computes
+    the plain network's function."""
+    model = perturbed("emnet_tiny", 8, seed=3)
+    x = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        compiled = torch.compile(fast.FastForward(model))(x)
+        plain = model(x)
+    assert (compiled - plain).abs().max().item() <= TOL
+
+
 def test_gdfn_hidden_width_is_padded_with_exact_zeros():
     """On the CPU the GDFN's hidden 85 (dim 32) is padded to 96 for faster matrix products; the
     stored weights keep the published shapes and the padded rows/columns are zeros."""

@@ -30,7 +30,7 @@ def _runner(plan: Plan, model: EMNetEnhancer):
 def forward_features(model: EMNetEnhancer, x: torch.Tensor, plan: Plan | None = None) -> list[torch.Tensor]:
     """`model.forward_features(x)`, fast: (B, C_l, h, w) views of channels-last maps."""
     plan = plan or plan_for(model, x)
-    if x.device.type == "cpu" and not plan.grad:
+    if x.device.type == "cpu" and not plan.grad and not torch.compiler.is_compiling():
         heap.settle(tuple(x.shape))
     return [to_nchw(f) for f in unet.features(model, x, _runner(plan, model))]
 

@@ -2,7 +2,8 @@
 
 - `c_kernels`: the C depthwise kernels (`kernels.py`) on float32 CPU inputs without gradients,
   where they were built (a C compiler exists) and `EMNET_CPU_KERNELS` is not 0; not under a CPU
-  autocast (`test.py --amp bf16`), whose bf16 products PyTorch's own ops then run;
+  autocast (`test.py --amp bf16`), whose bf16 products PyTorch's own ops then run, nor under
+  `torch.compile`, which cannot trace them (it compiles the PyTorch ops on whole maps instead);
 - `onednn`: oneDNN's matrix products for the 1x1 convs, on the same condition, but not in row
   strips (there, with the scripts' GLIBC_TUNABLES, oneDNN left the heap 2.7 GB larger at 3 MP for
   a ~4 % gain);
@@ -47,9 +48,10 @@ def plan_for(model: nn.Module, x: torch.Tensor, strip_pixels: int | None = None,
     budget says (`budget.plan_strips`, which also decides `spill`), 0 = whole maps, N = row strips
     of N pixels (`spill`: held maps on disk)."""
     grad = needs_grad(model, x)
+    traced = torch.compiler.is_compiling()  # torch.compile: plain PyTorch ops on whole maps, which it fuses
     cpu_fast = (x.device.type == "cpu" and x.dtype == torch.float32 and not grad and kernels.enabled()
-                and not torch.is_autocast_enabled("cpu"))  # the kernels and products are float32 only
-    if strip_pixels is None and not grad:
+                and not torch.is_autocast_enabled("cpu") and not traced)  # the kernels are float32, eager only
+    if strip_pixels is None and not grad and not traced:
         strip_pixels, spill = plan_strips(model, x) or (0, False)
     strips = bool(strip_pixels) and not grad
     return Plan(grad=grad, c_kernels=cpu_fast and kernels.library() is not None,
