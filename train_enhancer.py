@@ -215,10 +215,9 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
     ckpt = load_checkpoint_file(latest_path) if args.resume else None
+    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
                               args.datarange, args.lpips_alexnet).to(device)
-
-    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     if on_device:
         crops = DeviceCrops.from_pairs(train_pairs, args.train_ps, device, args.seed, (info.rank, info.world_size))
     else:

@@ -441,15 +441,24 @@ def _bad_lpips(tmp_path, make_pairs):
     return root, ["--lpips_lambda", "1"], ["alexnet", "--lpips_lambda 0", str(home)], {"TORCH_HOME": str(home)}
 
 
+def _bad_missing_data(tmp_path, make_pairs):
+    """No data and no LPIPS weights (a fresh machine offline): the data folder is reported first,
+    before any download is tried."""
+    home = tmp_path / "empty_torch_home"
+    home.mkdir()
+    missing = tmp_path / "no_such_folder"
+    return missing, ["--lpips_lambda", "1"], [str(missing)], {"TORCH_HOME": str(home)}
+
+
 def _bad_amp(tmp_path, make_pairs):
     root = make_pairs(names=("1", "2", "3"), size=(40, 40))
     return root, ["--amp", "fp16"], ["--amp fp16"], {}
 
 
 @pytest.mark.parametrize("case", [_bad_empty, _bad_unpaired, _bad_train_ps, _bad_batch, _bad_save_dir,
-                                  _bad_resume, _bad_lpips, _bad_amp],
+                                  _bad_resume, _bad_lpips, _bad_missing_data, _bad_amp],
                          ids=["empty", "unpaired", "train_ps", "batch_size", "save_dir", "resume",
-                              "lpips_offline", "amp_fp16_cpu"])
+                              "lpips_offline", "missing_data_offline", "amp_fp16_cpu"])
 def test_bad_input_is_one_error_line(case, tmp_path, make_pairs):
     """Each bad input exits with status 2 and a last stderr line 'error: ...' naming the offending
     path or flag (case-insensitively for 'alexnet'), no traceback, nothing else but tqdm noise."""
