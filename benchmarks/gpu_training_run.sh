@@ -32,6 +32,15 @@ BEFORE_ITERS=${BEFORE_ITERS:-120}
 
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 mkdir -p "$OUT_DIR" "$DATA_DIR/low" "$DATA_DIR/high"
+
+# The training logs go back on any exit, so a step that fails on the one GPU lease still explains itself.
+keep_logs() {
+  if [ -f "$SAVE_DIR/before/train.log" ]; then cp "$SAVE_DIR/before/train.log" "$OUT_DIR/before_train.log"; fi
+  for f in train.log options.yml; do
+    if [ -f "$SAVE_DIR/$ENV/$f" ]; then cp "$SAVE_DIR/$ENV/$f" "$OUT_DIR/"; fi
+  done
+}
+trap keep_logs EXIT
 if [ -n "$PARTS" ]; then
   for part in "$PARTS"/part_*; do
     cp "$part"/low/* "$DATA_DIR/low/" && cp "$part"/high/* "$DATA_DIR/high/"
@@ -54,14 +63,12 @@ if [ -n "$BEFORE_DIR" ]; then
     --embed_dim "$EMBED_DIM" --train_dir "$data" --batch_size "$BATCH_SIZE" --train_ps 128 \
     --ssim_lambda 1 --lpips_lambda 0 --l1_lambda 1 --amp "$AMP" --device "$DEVICE" --train_workers 6 \
     --max_iters "$BEFORE_ITERS" --val_time 1000000 --checkpoint 1000000 --log_every 50)
-  cp "$SAVE_DIR/before/train.log" "$OUT_DIR/before_train.log"
 fi
 
 "$PYTHON" train_enhancer.py --env "$ENV" --save_dir "$SAVE_DIR" --arch "$ARCH" --embed_dim "$EMBED_DIM" \
   --train_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --train_ps 128 --time_budget "$TIME_BUDGET" \
   --ssim_lambda 1 --lpips_lambda 0 --l1_lambda 1 --amp "$AMP" --data_on_device on --device "$DEVICE" \
   --val_time "$VAL_TIME" --log_every 200 --checkpoint 1000000
-cp "$SAVE_DIR/$ENV/train.log" "$SAVE_DIR/$ENV/options.yml" "$OUT_DIR/"
 
 "$PYTHON" -c "import sys; from models.loading import export_half; export_half(sys.argv[1], sys.argv[2])" \
   "$SAVE_DIR/$ENV/models/model_best.pth" "$SAVE_DIR/$ENV/weights_fp16.pth"
