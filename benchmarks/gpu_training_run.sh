@@ -4,7 +4,7 @@
 # float16 cut into pieces small enough to come back from a machine that returns files of at most
 # 16 MiB. Every step was run first on a CPU with a tiny preset (tests/test_gpu_training_run.py).
 #
-#   PARTS=.gpu_data/parts60 OUT_DIR=$OUT sh benchmarks/gpu_training_run.sh
+#   PARTS=.gpu_data/our485 OUT_DIR=$OUT sh benchmarks/gpu_training_run.sh
 #
 # PARTS: folders made by `python -m dataset.pack_parts` (merged into DATA_DIR first), or empty if
 # DATA_DIR already holds the training pairs. BEFORE_DIR: the code before the GPU loop's rework
