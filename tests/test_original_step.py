@@ -200,3 +200,21 @@ def test_resume_mid_warmup_continues_the_same_sequence(tmp_path):
     assert a["scheduler"]["_last_lr"] == pytest.approx(b["scheduler"]["_last_lr"], rel=1e-12)
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6), k
+
+
+def test_model_card_names_the_recipe_the_bundled_enhancers_were_trained_with():
+    """pre_trained_logs/model_card.json says which recipe trained each bundled enhancer, and that
+    agrees with the options.yml recorded by its run."""
+    import json
+
+    from conftest import REPO
+
+    card = json.loads((REPO / "pre_trained_logs" / "model_card.json").read_text())["enhancer_recipe"]
+    bundled = {str(p.relative_to(REPO)) for p in (REPO / "pre_trained_logs" / "enhancer").glob("*.pth")}
+    assert set(card) == bundled
+    for weights, recipe in card.items():
+        options = yaml.safe_load((REPO / weights.replace(".pth", ".options.yml")).read_text())
+        assert recipe["grad_clip"] == options["grad_clip"] and recipe["amp"] == options["amp"]
+        assert (options["l1_lambda"], options["ssim_lambda"], options["lpips_lambda"]) == (1.0, 1.0, 0.0)
+        assert recipe["loss"] == "(1 - SSIM) + L1"
+        assert "lr_schedule" not in options and recipe["lr_schedule"] == "iteration"  # the only one then
