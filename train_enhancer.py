@@ -34,7 +34,7 @@ from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.evaluate import evaluate_pairs
 from models.fast import FastForward
 from models.inference import enhance
-from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
+from models.loading import check_state_dict, describe_config, enhancer_payload, load_enhancer
 from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
@@ -161,13 +161,10 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 
 def payload(model: EMNetEnhancer, args: argparse.Namespace, epoch: int, iteration: int,
             best: dict[str, Any], training_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Our checkpoint format; `training_state` (optimizer, scheduler, RNG) only in model_latest."""
-    out = {"format": ENHANCER_FORMAT, "arch": args.arch, "config": model.config.to_dict(),
-           "state_dict": model.state_dict(), "epoch": epoch, "iteration": iteration,
-           "best_psnr": best["psnr"], "best_epoch": best["epoch"], "options": vars(args)}
-    if training_state:
-        out.update(training_state)
-    return out
+    """This run's checkpoint (`enhancer_payload`); `training_state` (optimizer, scheduler, RNG)
+    only in model_latest."""
+    return enhancer_payload(model, args.arch, epoch, iteration, best["psnr"], best["epoch"], vars(args),
+                            training_state)
 
 
 def epoch_overhead_seconds(model: EMNetEnhancer, optimizer: torch.optim.Optimizer, val_pairs,

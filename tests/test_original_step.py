@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 from skimage.metrics import structural_similarity
-
-import train_enhancer
 from test_losses import lpips_linear_file, random_alexnet_state
 from test_train_enhancer import load, make_structured_pairs, ok, run_train
+
+import train_enhancer
 from utils.errors import UserError
 from utils.losses import EnhancementLoss
 from utils.perceptual import ALEXNET_FILE
