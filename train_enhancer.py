@@ -1,9 +1,11 @@
 """Train the EMNet enhancer (stage 1 of EMNet).
 
 Outputs under SAVE_DIR/ENV/: models/{model_latest,model_best,model_epoch_N}.pth, options.yml,
-train.log, tensorboard/ and (with --img_vision) results/. Defaults are the published recipe
-(EMNET.md, "Training as published"). `model_best.pth` is chosen on a validation split held out of
-the training pairs (or --val_dir), never on the test set. Resume with --resume.
+train.log, tensorboard/ and (with --img_vision) results/. Defaults are the original release's
+training step (LPIPS on the [0, 1] images, no gradient clipping, the lr stepped per epoch); our
+deviations are flags (--lpips_input_range -11, --grad_clip, --lr_schedule iteration; README,
+"Training the enhancer"). `model_best.pth` is chosen on a validation split held out of the
+training pairs (or --val_dir), never on a test set. Resume with --resume.
 
 On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the
 loss back only at log steps. --time_budget MINUTES replaces the epoch count: the run times its

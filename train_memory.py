@@ -1,13 +1,15 @@
 """Train EMNet's external memory (stage 2) on top of a frozen enhancer.
 
-Entries (--entries): `crops` (the release) writes one random crop of every training pair per
-epoch into the memory (EMNET.md update rule); `images` writes every training pair whole, with the
-query computed exactly as at test time (`benchmarks/memory_study.py` compares the two). With
---learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
---strength auto calibrates the correction strength on the training pairs (models/calibration.py).
-Validation compares ori (enhancer) and mem (after the memory) on pairs held out of the training set
-(or --val_dir), never the test set. Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth,
-options.yml, train.log, tensorboard/.
+Defaults are the original release's memory: crop entries and the ImageNet ResNet-18 query
+(train_memory_script.sh sets ours). Entries (--entries): `crops` (the release) writes one random
+crop of every training pair per epoch into the memory (EMNET.md update rule); `images` writes every
+training pair whole, with the query computed exactly as at test time (`benchmarks/memory_study.py`
+compares the two). With --learn_query a small head on the query is trained meanwhile with the
+threshold triplet loss. --strength auto calibrates the correction strength on the training pairs
+(models/calibration.py). Validation compares ori (enhancer) and mem (after the memory) on pairs
+held out of the training set (or --val_dir; a test set there is only reported, it selects
+nothing). Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth, options.yml, train.log,
+tensorboard/.
 """
 from __future__ import annotations
 
