@@ -21,8 +21,10 @@ from models.fast import budget
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
     add_device_arg,
+    add_memory_build_args,
     add_trained_model_args,
     check_border_margin,
+    check_memory_flags,
     default_result_dir,
     writable_dir,
 )
@@ -63,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast for the networks: faster on recent GPUs and on CPUs with bf16 "
                         "instructions; scores move slightly (eval15 on a CPU: -0.03 dB ori, -0.007 dB mem)")
     add_trained_model_args(p, "external memory checkpoint: adds mem results")
+    add_memory_build_args(p, shape_from_file=True)
     add_device_arg(p)
     return p
 
@@ -82,6 +85,9 @@ def main(args: argparse.Namespace) -> None:
     result_dir = writable_dir(args.result_dir or default_result_dir(
         args.input_dir, args.enhanced_dir or args.weights, args.mem_weights), "--result_dir")
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
+    if memory is not None:
+        check_memory_flags(args, memory.config.mem_size, memory.config.key_dim, memory.config.pooling_size,
+                           f"memory {args.mem_weights}")
     model, meta = None, {"input_dir": str(args.input_dir)}
     if enhanced is None or mem_ckpt.get("query_encoder") in ENHANCER_DESCRIPTORS:
         model, ckpt = load_enhancer(args.weights, args.arch, args.embed_dim)

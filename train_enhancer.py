@@ -1,9 +1,11 @@
 """Train the EMNet enhancer (stage 1 of EMNet).
 
 Outputs under SAVE_DIR/ENV/: models/{model_latest,model_best,model_epoch_N}.pth, options.yml,
-train.log, tensorboard/ and (with --img_vision) results/. Defaults are the published recipe
-(EMNET.md, "Training as published"). `model_best.pth` is chosen on a validation split held out of
-the training pairs (or --val_dir), never on the test set. Resume with --resume.
+train.log, tensorboard/ and (with --img_vision) results/. Defaults are the original release's
+training step (LPIPS on the [0, 1] images, no gradient clipping, the lr stepped per epoch); our
+deviations are flags (--lpips_input_range -11, --grad_clip, --lr_schedule iteration; README,
+"Training the enhancer"). `model_best.pth` is chosen on a validation split held out of the
+training pairs (or --val_dir), never on a test set. Resume with --resume.
 
 On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the
 loss back only at log steps. --time_budget MINUTES replaces the epoch count: the run times its
@@ -29,12 +31,12 @@ from tqdm import tqdm
 
 from dataset.device_crops import DeviceCrops
 from dataset.paired_folder import PairedCrops, read_pair
-from dataset.pairing import training_split
+from dataset.pairing import is_test_set, training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.evaluate import evaluate_pairs
 from models.fast import FastForward
 from models.inference import enhance
-from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
+from models.loading import check_state_dict, describe_config, enhancer_payload, load_enhancer
 from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
@@ -44,7 +46,7 @@ from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.report import mean_scores
 from utils.run_log import RunLog
-from utils.schedule import fix_budget, last_iteration, schedule_plan, warmup_cosine
+from utils.schedule import build_schedule, fix_budget, last_iteration, schedule_plan
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
 from utils.training import (
     BUDGET_TIMED_STEPS,
@@ -80,8 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--time_budget", type=float, default=0.0,
                    help="minutes for the whole run, all --resume calls together, instead of --nepoch: "
                         "the run times its first steps, then fixes its length so that the warm-up and "
-                        "the cosine end within the budget (less validation and checkpoint time); "
-                        "0 = train --nepoch epochs")
+                        "the cosine end within the budget (less validation and checkpoint time), stepped "
+                        "per iteration (--lr_schedule iteration); 0 = train --nepoch epochs")
     g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw", help="optimizer")
     g.add_argument("--lr_initial", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
@@ -89,7 +91,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="linear warm-up before the cosine decay")
     g.add_argument("--warmup_epochs", type=int, default=3, help="length of the warm-up in epochs")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    g.add_argument("--lr_schedule", choices=["epoch", "iteration"], default=None,
+                   help="epoch: the lr moves once per epoch as in the original (epochs 1-3 at lr/3, 2lr/3, "
+                        "lr, then a per-epoch cosine, T_max = nepoch - warmup_epochs); iteration: the same "
+                        "curve per iteration (our deviation), which --time_budget needs; "
+                        "None: epoch, iteration with --time_budget, the resumed run's with --resume")
+    g.add_argument("--grad_clip", type=float, default=0.0,
+                   help="max gradient norm; 0 = no clipping, as the original (our budgeted GPU recipe: 1.0)")
     g.add_argument("--max_iters", type=int, default=0,
                    help="stop after this many iterations in total (smoke runs, budgets); 0 = no limit")
     g = p.add_argument_group("loss")
@@ -100,7 +108,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of LPIPS(AlexNet); needs local AlexNet weights (see README)")
     g.add_argument("--lpips_alexnet", default=None,
                    help="torchvision alexnet-owt-7be5be79.pth; None: the torch hub cache")
-    g.add_argument("--datarange", type=float, default=1.0, help="pixel range of the images (SSIM)")
+    g.add_argument("--lpips_input_range", choices=["01", "-11"], default="01",
+                   help="what LPIPS receives: 01 = the [0, 1] images as they are, as the original's training "
+                        "(LPIPS's input normalisation expects [-1, 1]); -11 = rescaled to [-1, 1] as LPIPS "
+                        "was made for (our correction; test.py --lpips always scores this way)")
+    g.add_argument("--datarange", choices=["01", "-11"], default="01",
+                   help="the original's flag, which it parsed and never used; accepted with its values and "
+                        "ignored here: images are always in [0, 1] (SSIM data range 1)")
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
     g.add_argument("--checkpoint", type=int, default=50, help="keep model_epoch_N.pth every N epochs")
@@ -149,13 +163,10 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 
 def payload(model: EMNetEnhancer, args: argparse.Namespace, epoch: int, iteration: int,
             best: dict[str, Any], training_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Our checkpoint format; `training_state` (optimizer, scheduler, RNG) only in model_latest."""
-    out = {"format": ENHANCER_FORMAT, "arch": args.arch, "config": model.config.to_dict(),
-           "state_dict": model.state_dict(), "epoch": epoch, "iteration": iteration,
-           "best_psnr": best["psnr"], "best_epoch": best["epoch"], "options": vars(args)}
-    if training_state:
-        out.update(training_state)
-    return out
+    """This run's checkpoint (`enhancer_payload`); `training_state` (optimizer, scheduler, RNG)
+    only in model_latest."""
+    return enhancer_payload(model, args.arch, epoch, iteration, best["psnr"], best["epoch"], vars(args),
+                            training_state)
 
 
 def epoch_overhead_seconds(model: EMNetEnhancer, optimizer: torch.optim.Optimizer, val_pairs,
@@ -217,7 +228,7 @@ def main(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint_file(latest_path) if args.resume else None
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
-                              args.datarange, args.lpips_alexnet).to(device)
+                              args.lpips_alexnet, args.lpips_input_range == "-11").to(device)
     if on_device:
         crops = DeviceCrops.from_pairs(train_pairs, args.train_ps, device, args.seed, (info.rank, info.world_size))
     else:
@@ -249,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
     # the default implementation, so its results and bit-exact resumes stay as they were.
     optimizer = opt_cls(model.parameters(), lr=args.lr_initial, betas=(0.9, 0.999),
                         weight_decay=args.weight_decay, **({"fused": True} if on_device else {}))
-    scheduler = warmup_cosine(optimizer, plan["warmup_iters"], plan["total_iters"], args.min_lr)
+    scheduler = build_schedule(optimizer, plan, args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     epoch, iteration, best = 0, 0, {"psnr": -math.inf, "epoch": -1}
@@ -275,6 +286,7 @@ def main(args: argparse.Namespace) -> None:
     options = {**vars(args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": iters_per_epoch,
                "total_iters": plan["total_iters"], "warmup_iters": plan["warmup_iters"],
+               "lr_schedule": plan["lr_schedule"],
                "batches_on_device": on_device, "world_size": info.world_size, "device": str(device),
                "torch": str(torch.__version__)}
     if info.is_main:
@@ -285,11 +297,17 @@ def main(args: argparse.Namespace) -> None:
              f"{info.world_size} process(es) on {device}, crops drawn "
              f"{'on the device' if on_device else 'by a DataLoader'}")
     if plan["budget_s"]:
-        log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before): " +
+        log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before), "
+                 "learning rate stepped per iteration: " +
                  (f"the schedule fixed at {plan['total_iters']} iterations continues" if plan["total_iters"]
                   else f"the length is fixed after timing {BUDGET_TIMED_STEPS} steps"))
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
+    selects = not is_test_set(args.val_dir)
+    if val_pairs and not selects:
+        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
+                 "selects a checkpoint (no model_best.pth); drop --val_dir to select on pairs held out of "
+                 "--train_dir")
 
     net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
     ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -396,7 +414,7 @@ def main(args: argparse.Namespace) -> None:
                 files = []
                 if val_pairs and (epoch % args.val_time == 0 or stop):
                     means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
-                    if means["psnr"] > best["psnr"]:
+                    if selects and means["psnr"] > best["psnr"]:
                         best = {"psnr": means["psnr"], "epoch": epoch}
                         files.append((models_dir / "model_best.pth", payload(model, args, epoch, iteration, best)))
                 plan["spent_s"] = spent_before + time.monotonic() - call_start
@@ -411,7 +429,8 @@ def main(args: argparse.Namespace) -> None:
             barrier(info)
     finally:
         writer.join()  # never exit with a checkpoint half-way to the disk
-    best_text = f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs else "no validation"
+    best_text = (f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs and selects
+                 else "no checkpoint selected")
     log.line(f"finished at epoch {epoch} iteration {iteration}; {best_text}; checkpoints in {models_dir}")
     log.close()
     cleanup(info)

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Train the EMNet enhancer. Defaults: the published recipe on LOL-v1 our485 (EMNET.md).
+# Train the EMNet enhancer. Defaults: the original release's training step on LOL-v1 our485 (README,
+# "Training the enhancer": LPIPS on the [0, 1] images, no gradient clipping, lr stepped per epoch).
 # Edit the variables below (or set them in the environment) and run: sh train_enhancer_script.sh
 # Offline (no ImageNet AlexNet weights for LPIPS): LPIPS_LAMBDA=0 L1_LAMBDA=1 sh train_enhancer_script.sh
 # Several GPUs: LAUNCH="torchrun --nproc_per_node 2" sh train_enhancer_script.sh
@@ -19,8 +20,11 @@ LR=${LR:-2e-4}
 SSIM_LAMBDA=${SSIM_LAMBDA:-1}
 LPIPS_LAMBDA=${LPIPS_LAMBDA:-1}
 L1_LAMBDA=${L1_LAMBDA:-0}
+LPIPS_INPUT_RANGE=${LPIPS_INPUT_RANGE:-01}   # 01 = the original's; -11 = rescaled to [-1, 1] (our correction)
+GRAD_CLIP=${GRAD_CLIP:-0}             # 0 = no clipping, the original's; our budgeted GPU recipe: 1.0
+LR_SCHEDULE=${LR_SCHEDULE:-}          # empty: per epoch as the original (per iteration with TIME_BUDGET); or iteration
 AMP=${AMP:-none}                      # bf16 on recent GPUs
-TIME_BUDGET=${TIME_BUDGET:-}          # minutes: the schedule (warm-up + cosine) is fitted to them instead of NEPOCH
+TIME_BUDGET=${TIME_BUDGET:-}          # minutes: the schedule (warm-up + cosine, per iteration) is fitted to them instead of NEPOCH
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}                      # more flags, e.g. "--resume" or "--max_iters 100"
 
@@ -29,7 +33,8 @@ export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.tri
 set -- --env "$ENV" --save_dir "$SAVE_DIR" --arch "$ARCH" --embed_dim "$EMBED_DIM" \
   --train_dir "$TRAIN_DIR" --nepoch "$NEPOCH" --batch_size "$BATCH_SIZE" --train_ps "$TRAIN_PS" \
   --lr_initial "$LR" --ssim_lambda "$SSIM_LAMBDA" --lpips_lambda "$LPIPS_LAMBDA" --l1_lambda "$L1_LAMBDA" \
-  --amp "$AMP" --device "$DEVICE"
+  --lpips_input_range "$LPIPS_INPUT_RANGE" --grad_clip "$GRAD_CLIP" --amp "$AMP" --device "$DEVICE"
+[ -n "$LR_SCHEDULE" ] && set -- "$@" --lr_schedule "$LR_SCHEDULE"
 [ -n "$VAL_DIR" ] && set -- "$@" --val_dir "$VAL_DIR"
 [ -n "$TIME_BUDGET" ] && set -- "$@" --time_budget "$TIME_BUDGET"
 # shellcheck disable=SC2086

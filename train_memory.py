@@ -1,13 +1,15 @@
 """Train EMNet's external memory (stage 2) on top of a frozen enhancer.
 
-Entries (--entries): `crops` (the release) writes one random crop of every training pair per
-epoch into the memory (EMNET.md update rule); `images` writes every training pair whole, with the
-query computed exactly as at test time (`benchmarks/memory_study.py` compares the two). With
---learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
---strength auto calibrates the correction strength on the training pairs (models/calibration.py).
-Validation compares ori (enhancer) and mem (after the memory) on pairs held out of the training set
-(or --val_dir), never the test set. Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth,
-options.yml, train.log, tensorboard/.
+Defaults are the original release's memory: crop entries and the ImageNet ResNet-18 query
+(train_memory_script.sh sets ours). Entries (--entries): `crops` (the release) writes one random
+crop of every training pair per epoch into the memory (EMNET.md update rule); `images` writes every
+training pair whole, with the query computed exactly as at test time (`benchmarks/memory_study.py`
+compares the two). With --learn_query a small head on the query is trained meanwhile with the
+threshold triplet loss. --strength auto calibrates the correction strength on the training pairs
+(models/calibration.py). Validation compares ori (enhancer) and mem (after the memory) on pairs
+held out of the training set (or --val_dir; a test set there is only reported, it selects
+nothing). Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth, options.yml, train.log,
+tensorboard/.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
-from dataset.pairing import ImagePair, training_split
+from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
 from models.loading import load_enhancer, load_memory, memory_payload
@@ -36,6 +38,7 @@ from models.options import (
     add_memory_build_args,
     add_split_arg,
     check_border_margin,
+    check_memory_flags,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
@@ -55,8 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
-    g.add_argument("--pretrain_weights", default=BUNDLED_ENHANCER,
-                   help="the frozen enhancer")
+    g.add_argument("--weights", "--pretrain_weights", dest="weights", default=BUNDLED_ENHANCER,
+                   help="the frozen enhancer (--pretrain_weights: the original's name)")
     add_enhancer_args(g, defaults_from_checkpoint=True)
     add_border_arg(g)
     g = p.add_argument_group("data")
@@ -66,11 +69,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_ps", type=int, default=128, help="training crop size")
     g.add_argument("--batch_size", type=int, default=128, help="samples per memory update")
     g.add_argument("--train_workers", type=int, default=0, help="DataLoader worker processes for crop entries")
+    g.add_argument("--datarange", choices=["01", "-11"], default="01",
+                   help="the original's flag, which it parsed and never used; accepted with its values and "
+                        "ignored here: images are always in [0, 1]")
     g = p.add_argument_group("memory")
     add_memory_build_args(g)
     add_memory_args(g)
-    g.add_argument("--K_feat_dim", type=int, default=None, help="key width (default: the query's)")
+    p.set_defaults(query_encoder="resnet18")  # the original's query; test.py takes the memory's
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
+    g.add_argument("--top_k", type=int, default=None,
+                   help="the original's flag, which it parsed and never used; accepted and ignored here "
+                        "(the update rule uses each query's top-1 slot, reads --testing_top_k)")
+    g.add_argument("--cos_thres", type=float, default=None,
+                   help="the original's flag, which it parsed and never used; accepted and ignored here "
+                        "(a match is decided on the value, --thres)")
     g.add_argument("--entries", choices=["crops", "images"], default="crops",
                    help="what a slot holds: a --train_ps crop (the release) or a whole training image, "
                         "queried as at test time")
@@ -102,12 +114,8 @@ def memory_config(args: argparse.Namespace, key_dim: int, top_k: int) -> MemoryC
     if args.mem_size < 1 or not 1 <= top_k <= args.mem_size:
         raise UserError(f"--testing_top_k {top_k} and --mem_size {args.mem_size} must satisfy "
                         "1 <= testing_top_k <= mem_size")
-    if args.K_feat_dim and args.K_feat_dim != key_dim:
-        raise UserError(f"--K_feat_dim {args.K_feat_dim} differs from the {args.query_encoder or 'enhancer'} query "
-                        f"width {key_dim}; drop the flag or change the query encoder")
-    if args.V_feat_dim and args.V_feat_dim != 3 * p * p:
-        raise UserError(f"--V_feat_dim {args.V_feat_dim} must be 3 * p * p = {3 * p * p} for "
-                        f"--pooling_size {p}")
+    check_memory_flags(args, args.mem_size, key_dim, p,
+                       f"the {args.query_encoder} query width and p = {p} (--pooling_size)")
     return MemoryConfig(mem_size=args.mem_size, key_dim=key_dim, pooling_size=p, threshold=args.thres)
 
 
@@ -189,9 +197,9 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
     check_border_margin(args.border_margin)
-    query_name = args.query_encoder or "enhancer"
+    query_name = args.query_encoder
     read = read_config(args)
-    enhancer, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)
+    enhancer, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
     enhancer.to(device).requires_grad_(False)
     encoder = build_query_encoder(query_name, enhancer, args.query_weights).to(device)
     config = memory_config(args, encoder.dim, read["top_k"])
@@ -199,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     log = RunLog(env_dir, True)
     cache = writable_dir(Path(args.save_dir) / "cache" / "frozen", "--save_dir") / cache_key(
-        args.pretrain_weights, args.border_margin)
+        args.weights, args.border_margin)
     train_passes = None
     if args.entries == "images" or read["strength"] == "auto":
         start = time.perf_counter()
@@ -234,9 +242,14 @@ def main(args: argparse.Namespace) -> None:
         val = ValidationSet(passes, image_queries(passes, val_pairs, encoder, query_name, device))
     else:
         log.line("no validation pairs: memory_best.pth will not be written")
+    selects = not is_test_set(args.val_dir)
+    if val is not None and not selects:
+        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
+                 "selects a checkpoint (no memory_best.pth); drop --val_dir to select on pairs held out of "
+                 "--train_dir")
     val_read = {**read, "strength": None} if read["strength"] == "auto" else read
 
-    extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.pretrain_weights),
+    extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
              "entries": args.entries, "border_margin": args.border_margin, "options": vars(args)}
     while epoch < args.nepoch:
         matched = written = 0
@@ -269,7 +282,7 @@ def main(args: argparse.Namespace) -> None:
             log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
                      f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
             log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
-            if m["mem_psnr"] > best["mem_psnr"]:
+            if selects and m["mem_psnr"] > best["mem_psnr"]:
                 best = {**m, "epoch": epoch}
                 save_checkpoint(models_dir / "memory_best.pth", memory_payload(
                     memory, epoch, query_name, head, {**extra, "read": val_read, "best": best}))
@@ -280,7 +293,7 @@ def main(args: argparse.Namespace) -> None:
     if read["strength"] == "auto":
         calibrate_final(memory, head, train_passes, train_pairs, encoder, query_name, read, models_dir,
                         val, log, device)
-    elif val is not None:
+    elif val is not None and selects:
         log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
                  f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
     log.close()

@@ -108,6 +108,15 @@ def split_pairs(pairs: list[ImagePair], val_percent: float) -> tuple[list[ImageP
     return train, val
 
 
+TEST_SET_NAMES = ("eval15", "test")  # LOL-v1's test folder; LOL-v2's Real_captured/Test, Synthetic/Test
+
+
+def is_test_set(folder: str | Path | None) -> bool:
+    """True for a benchmark's test folder (by its name), such as the original scripts pass as
+    --val_dir: validation on it may report scores but must never choose a checkpoint."""
+    return folder is not None and Path(folder).resolve().name.lower() in TEST_SET_NAMES
+
+
 def training_split(train_dir: str | Path, val_dir: str | Path | None,
                    val_percent: float) -> tuple[list[ImagePair], list[ImagePair]]:
     """(train, validation) pairs for both trainers: `val_dir` when given, else the held-out

@@ -110,6 +110,17 @@ def load_enhancer(path: str | Path, arch: str | None = None, embed_dim: int | No
     return model.eval(), ckpt
 
 
+def enhancer_payload(model: EMNetEnhancer, arch: str, epoch: int, iteration: int, best_psnr: float,
+                     best_epoch: int, options: dict[str, Any], extra: dict[str, Any] | None = None,
+                     ) -> dict[str, Any]:
+    """An enhancer checkpoint in our format (what `load_enhancer` reads): the config it was built
+    with, its weights, where training stood and the run's flags; `extra` (optimizer, scheduler,
+    RNG state for --resume) is merged in."""
+    return {"format": ENHANCER_FORMAT, "arch": arch, "config": model.config.to_dict(),
+            "state_dict": model.state_dict(), "epoch": epoch, "iteration": iteration,
+            "best_psnr": best_psnr, "best_epoch": best_epoch, "options": options, **(extra or {})}
+
+
 def export_half(src: str | Path, dst: str | Path) -> None:
     """Copy a checkpoint's weights, config and metadata (no optimizer or RNG state) with the
     floating-point weights in float16: half the size, for bundling. `load_enhancer` casts back."""

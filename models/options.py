@@ -45,13 +45,35 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where to run: auto takes CUDA, then Apple MPS, then the CPU")
 
 
-def add_memory_build_args(p: argparse.ArgumentParser) -> None:
-    """Flags that shape a new memory (train_memory.py only: test.py takes them from the file)."""
-    p.add_argument("--arch_memory", default="external_memory", choices=["external_memory"],
-                   help="memory module (one kind, kept for the original scripts)")
-    p.add_argument("--mem_size", type=int, default=9000, help="number of memory slots")
+MEMORY_ARCH = "emnet_memory"  # the original's --arch_memory: the one memory module there is
+
+
+def add_memory_build_args(p: argparse.ArgumentParser, shape_from_file: bool = False) -> None:
+    """--arch_memory, --mem_size, --K_feat_dim, --V_feat_dim, the original's names for the memory's
+    shape. train_memory.py builds a memory of that shape; with `shape_from_file` (test.py) they
+    default to None and, when given, must match the loaded memory (`check_memory_flags`)."""
+    checked = " (checked against --mem_weights)" if shape_from_file else ""
+    p.add_argument("--arch_memory", default=MEMORY_ARCH, choices=[MEMORY_ARCH],
+                   help="memory module: emnet_memory, the one kind (the original's name)" + checked)
+    p.add_argument("--mem_size", type=int, default=None if shape_from_file else 9000,
+                   help="number of memory slots (the original: 9000)" + checked)
+    p.add_argument("--K_feat_dim", type=int, default=None,
+                   help="key width: the query encoder's (resnet18: 512)" + checked +
+                        ("" if shape_from_file else "; default: the query's, a different value is an error"))
     p.add_argument("--V_feat_dim", type=int, default=None,
-                   help="value width 3 * p * p (default: from --pooling_size)")
+                   help="values per colour channel, p * p for --pooling_size p (the original: 1)" + checked +
+                        ("" if shape_from_file else "; default: from --pooling_size"))
+
+
+def check_memory_flags(args: argparse.Namespace, mem_size: int, key_dim: int, pooling_size: int,
+                       what: str) -> None:
+    """--mem_size, --K_feat_dim and --V_feat_dim, when given, against the memory `what` describes;
+    a mismatch is a UserError naming both values."""
+    for flag, value, actual in (("--mem_size", args.mem_size, mem_size), ("--K_feat_dim", args.K_feat_dim, key_dim),
+                                ("--V_feat_dim", args.V_feat_dim, pooling_size * pooling_size)):
+        if value is not None and value != actual:
+            raise UserError(f"{flag} {value} does not match {what}, which has {actual}; "
+                            f"pass {flag} {actual} or drop it")
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +95,7 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
                    help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
                         "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, the torch hub cache or a download); "
-                        "training default enhancer, test default from the memory")
+                        "training default resnet18 (the original), test default from the memory")
     p.add_argument("--query_weights", default=None,
                    help="torchvision resnet18 state_dict for --query_encoder resnet18; default: the torch hub cache, downloaded once")
 

@@ -604,7 +604,7 @@ RUN_FLAGS = {"plain": (), "learned": ("--learn_query", "--pos_thres", "0.2")}
 def train_args(setup: dict, env: str, *extra, mem_size: int = 32) -> list:
     return ["--pretrain_weights", setup["weights"], "--train_dir", setup["train"], "--val_dir", setup["val"],
             "--nepoch", "2", "--val_time", "1", "--mem_size", mem_size, "--batch_size", "2", "--train_ps", "48",
-            "--save_dir", setup["save"], "--env", env, "--device", "cpu", *extra]
+            "--save_dir", setup["save"], "--env", env, "--device", "cpu", "--query_encoder", "enhancer", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -779,7 +779,7 @@ def test_published_memory_with_resnet18_through_test_py(setup, resnet_file, tmp_
 
 @pytest.mark.parametrize("flags,must_contain", [
     (("--resume",), "nothing to resume"),
-    (("--K_feat_dim", "64"), "--K_feat_dim 64 differs from the enhancer query width 128"),
+    (("--K_feat_dim", "64"), "--K_feat_dim 64 does not match the enhancer query width and p = 1 (--pooling_size), which has 128"),
     (("--V_feat_dim", "6"), "--V_feat_dim 6"),
 ], ids=["resume_nothing", "K_feat_dim", "V_feat_dim"])
 def test_train_memory_bad_flags(setup, tmp_path, flags, must_contain):

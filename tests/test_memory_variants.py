@@ -176,7 +176,7 @@ def test_train_memory_image_entries_calibrated_and_read_by_test_py(tiny_setup):
     its curve stored in the memory; test.py reads with the stored settings and reports them."""
     tmp = tiny_setup["tmp"]
     ok(run_py("train_memory.py", "--pretrain_weights", tiny_setup["weights"], "--train_dir", tiny_setup["data"],
-              "--val_percent", "30", "--entries", "images", "--strength", "auto", "--testing_top_k", "3",
+              "--val_percent", "30", "--entries", "images", "--query_encoder", "enhancer", "--strength", "auto", "--testing_top_k", "3",
               "--temperature", "0.05", "--nepoch", "1", "--mem_size", "16", "--save_dir", tmp / "runs",
               "--env", "img", "--device", "cpu"))
     mem, ckpt = load_memory(tmp / "runs" / "img" / "models" / "memory_best.pth")

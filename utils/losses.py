@@ -1,6 +1,8 @@
 """Training losses: L1, L2, SSIM (differentiable) and LPIPS(AlexNet), combined by weights.
 
-The published recipe is 1 * (1 - SSIM) + 1 * LPIPS on the clamped output. LPIPS
+The published recipe is 1 * (1 - SSIM) + 1 * LPIPS on the clamped output, with the [0, 1] images
+fed to LPIPS unscaled as the original release does (`lpips_scaled=True`: rescaled to [-1, 1],
+the input LPIPS was made for). LPIPS
 (`utils.perceptual`) needs torchvision's ImageNet AlexNet: `--lpips_alexnet PATH`, the torch hub
 cache, or a download into it.
 """
@@ -41,17 +43,17 @@ OFFLINE_RECIPE = "train without it: --lpips_lambda 0 --l1_lambda 1 (see README)"
 class EnhancementLoss(nn.Module):
     """Weighted sum l1 * L1 + l2 * MSE + ssim * (1 - SSIM) + lpips * LPIPS; returns the total
     and the individual terms, detached (for logging: `float()` them only when logging, each one is
-    a host sync on a GPU). Terms with weight 0 are not computed."""
+    a host sync on a GPU). Terms with weight 0 are not computed. Images are in [0, 1] (SSIM's data
+    range 1)."""
 
     def __init__(self, l1: float = 0.0, l2: float = 0.0, ssim: float = 1.0, lpips: float = 1.0,
-                 data_range: float = 1.0, lpips_alexnet: str | None = None):
+                 lpips_alexnet: str | None = None, lpips_scaled: bool = False):
         super().__init__()
         if l1 == l2 == ssim == lpips == 0:
             raise UserError("all loss weights are 0; set at least one of --l1_lambda --l2_lambda "
                             "--ssim_lambda --lpips_lambda")
         self.weights = {"l1": l1, "l2": l2, "ssim": ssim, "lpips": lpips}
-        self.data_range = data_range
-        self.lpips = build_lpips(lpips_alexnet, OFFLINE_RECIPE) if lpips > 0 else None
+        self.lpips = build_lpips(lpips_alexnet, OFFLINE_RECIPE, lpips_scaled) if lpips > 0 else None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pred, target = pred.float(), target.float()
@@ -61,7 +63,7 @@ class EnhancementLoss(nn.Module):
         if self.weights["l2"]:
             terms["l2"] = F.mse_loss(pred, target)
         if self.weights["ssim"]:
-            terms["ssim"] = 1 - ssim_map_mean(pred, target, self.data_range)
+            terms["ssim"] = 1 - ssim_map_mean(pred, target)
         if self.lpips is not None:
             terms["lpips"] = self.lpips(pred, target)
         total = sum(self.weights[k] * v for k, v in terms.items())

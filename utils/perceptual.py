@@ -1,6 +1,8 @@
 """LPIPS v0.1 with an AlexNet backbone (Zhang et al., CVPR 2018): a training loss and a metric.
 
-Inputs in [0, 1], scaled to [-1, 1] as the `lpips` package does with `normalize=True`. The ImageNet
+As a metric the inputs in [0, 1] are scaled to [-1, 1], as the `lpips` package does with
+`normalize=True`; as the training loss of the original release they go in as they are (`scale_inputs`
+False: its input normalisation, made for [-1, 1], then sees [0, 1] images). The ImageNet
 AlexNet comes from torchvision's weights API (`utils.pretrained`) or a local file (`--lpips_alexnet`);
 the v0.1 linear weights are the `lpips` package's files.
 """
@@ -30,8 +32,10 @@ class LPIPS(nn.Module):
 
     TAPS = (1, 4, 7, 9, 11)  # indices of the ReLUs in torchvision's alexnet().features
 
-    def __init__(self, alexnet_state: dict[str, torch.Tensor], linear_state: dict[str, torch.Tensor]):
+    def __init__(self, alexnet_state: dict[str, torch.Tensor], linear_state: dict[str, torch.Tensor],
+                 scale_inputs: bool = True):
         super().__init__()
+        self.scale_inputs = scale_inputs
         from torchvision.models import alexnet
 
         net = alexnet(weights=None)
@@ -51,7 +55,7 @@ class LPIPS(nn.Module):
         return super().train(False)  # always frozen
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = ((2 * x - 1) - self.shift) / self.scale
+        x = ((2 * x - 1 if self.scale_inputs else x) - self.shift) / self.scale
         out = []
         for i, layer in enumerate(self.features):
             x = layer(x) if not isinstance(layer, nn.ReLU) else F.relu(x)
@@ -80,12 +84,13 @@ def alexnet_state(path: str | None, fallback: str) -> dict[str, torch.Tensor]:
     return pretrained_state_dict(ALEXNET_URL, path, "AlexNet", "LPIPS", "--lpips_alexnet", fallback)
 
 
-def build_lpips(alexnet_path: str | None, fallback: str) -> LPIPS:
-    """LPIPS with torchvision's AlexNet; `fallback` says how to do without it (in the error)."""
+def build_lpips(alexnet_path: str | None, fallback: str, scale_inputs: bool = True) -> LPIPS:
+    """LPIPS with torchvision's AlexNet; `fallback` says how to do without it (in the error).
+    `scale_inputs` False feeds [0, 1] images unscaled, as the original release's training loss."""
     alex = alexnet_state(alexnet_path, fallback)
     lin = torch.load(lpips_linear_file(), map_location="cpu", weights_only=True)
     try:
-        return LPIPS(alex, lin)
+        return LPIPS(alex, lin, scale_inputs)
     except (RuntimeError, KeyError, TypeError) as err:
         raise UserError(f"{alexnet_path or ALEXNET_FILE} is not a torchvision alexnet state_dict "
                         f"({type(err).__name__}); pass the file of torchvision.models.alexnet") from None

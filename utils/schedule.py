@@ -1,5 +1,14 @@
-"""Learning-rate schedule of the published recipe, per iteration, and the length of a run that
-has a time budget instead of a number of epochs."""
+"""Learning-rate schedules (warm-up then cosine) and the length of a run that has a time budget
+instead of a number of epochs.
+
+Two ways to step the same curve (`--lr_schedule`):
+- `epoch`, the original release's: the lr changes once per epoch. Its warm-up scheduler was stepped
+  once before the first epoch and after each epoch, so epochs 1..W run at lr * 1/W, 2/W, .., 1 and
+  then epoch W + 1 + t at the cosine of t / (nepoch - W), eta_min --min_lr (T_max = nepoch - W).
+- `iteration`: the same shape per iteration (warm-up from lr / warmup_iters), which a
+  --time_budget run needs because its length is fixed in iterations after timing its first steps.
+Both are pure functions of the iteration count, so --resume continues them exactly.
+"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +48,47 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_iters: int, total_ite
     return LambdaLR(optimizer, factor, last_epoch=start_iter - 1)
 
 
+def epoch_warmup_cosine(optimizer: torch.optim.Optimizer, warmup_epochs: int, nepoch: int,
+                        iters_per_epoch: int, min_lr: float = 1e-6, start_iter: int = 0) -> LambdaLR:
+    """The original release's per-epoch schedule, stepped per iteration (lr constant within an
+    epoch): epoch e (from 0) runs at lr * (e + 1) / warmup_epochs while e < warmup_epochs, then at
+    the cosine from lr to `min_lr` with T_max = nepoch - warmup_epochs, t = e - warmup_epochs."""
+    base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    floor = min(min_lr / base, 1.0)
+    t_max = max(nepoch - warmup_epochs, 1)
+
+    def factor(it: int) -> float:
+        epoch = it // iters_per_epoch
+        if epoch < warmup_epochs:
+            return (epoch + 1) / warmup_epochs
+        t = min(epoch - warmup_epochs, t_max)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / t_max))
+
+    return LambdaLR(optimizer, factor, last_epoch=start_iter - 1)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, plan: dict[str, Any], min_lr: float,
+                   start_iter: int = 0) -> LambdaLR:
+    """The scheduler of a `schedule_plan`: per epoch or per iteration as its `lr_schedule` says."""
+    if plan["lr_schedule"] == "epoch":
+        per = plan["iters_per_epoch"]
+        return epoch_warmup_cosine(optimizer, plan["warmup_iters"] // per, plan["total_iters"] // per, per,
+                                   min_lr, start_iter)
+    return warmup_cosine(optimizer, plan["warmup_iters"], plan["total_iters"], min_lr, start_iter)
+
+
+def resolve_lr_schedule(asked: str | None, time_budget: float, stored: str | None) -> str:
+    """--lr_schedule as given, else the resumed run's, else `epoch` (the original) unless a
+    --time_budget needs `iteration`."""
+    if asked and stored and asked != stored:
+        raise UserError(f"--resume: the run was trained with --lr_schedule {stored}, not {asked}; "
+                        f"drop --lr_schedule or start a new --env")
+    if asked == "epoch" and time_budget:
+        raise UserError("--time_budget fixes the run's length in iterations after timing its first steps, "
+                        "so it needs --lr_schedule iteration; drop --lr_schedule epoch or --time_budget")
+    return asked or stored or ("iteration" if time_budget else "epoch")
+
+
 def iterations_for_budget(budget_s: float, spent_s: float, done_iters: int, sec_per_iter: float,
                           warmup_iters: int, overhead_per_epoch_s: float = 0.0,
                           iters_per_epoch: int = 1) -> int:
@@ -72,10 +122,13 @@ def schedule_plan(args: argparse.Namespace, ckpt: dict[str, Any] | None, iters_p
 
     A budgeted run keeps, on --resume, the budget and length it started with (a --time_budget
     given again replaces the budget only while the length is open); an epoch run takes --nepoch
-    as given on each call, as before."""
+    as given on each call, as before. `lr_schedule` (`resolve_lr_schedule`) is kept on --resume;
+    runs saved before it existed stepped per iteration."""
     stored = (ckpt or {}).get("schedule") or {}
+    lr_schedule = resolve_lr_schedule(getattr(args, "lr_schedule", None), args.time_budget,
+                                      stored.get("lr_schedule", "iteration") if ckpt is not None else None)
     if stored.get("budget_s"):
-        plan = dict(stored)
+        plan = {**stored, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
         if plan["total_iters"] is None and args.time_budget:
             plan["budget_s"] = args.time_budget * 60
         return plan
@@ -85,9 +138,9 @@ def schedule_plan(args: argparse.Namespace, ckpt: dict[str, Any] | None, iters_p
     warmup_iters = args.warmup_epochs * iters_per_epoch if args.warmup else 0
     if args.time_budget:
         return {"budget_s": args.time_budget * 60, "spent_s": 0.0, "total_iters": None,
-                "warmup_iters": warmup_iters}
+                "warmup_iters": warmup_iters, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
     return {"budget_s": None, "spent_s": 0.0, "total_iters": args.nepoch * iters_per_epoch,
-            "warmup_iters": warmup_iters}
+            "warmup_iters": warmup_iters, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
 
 
 def last_iteration(plan: dict[str, Any], max_iters: int) -> float:
