@@ -51,6 +51,10 @@ class StopSignals:
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
     def agreed(self, info: DistInfo, device: torch.device, iteration: int | None = None,
                every: int = 1) -> bool:
         """Whether to stop now. The processes of a DDP run agree (any rank signalled) at
