@@ -1,0 +1,235 @@
+"""Faults during a run: a write that fails (a file-size limit, a full disk), a stop signal, two runs
+into one folder. Each ends in one line and an exit status, and leaves what was written before.
+
+The write faults are made with RLIMIT_FSIZE in the child process (EFBIG, no root needed) and, as
+root, with a small full tmpfs (ENOSPC); the signals are sent to subprocesses, or, where the exact
+step matters, raised from inside the loss of an in-process run.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_test_cli import assert_user_error
+from test_train_enhancer import (
+    FAST,
+    TINY,
+    assert_same_optimizer,
+    assert_same_state,
+    load,
+    losses_from_log,
+    make_structured_pairs,
+    subprocess_env,
+    train_cmd,
+)
+
+import train_enhancer
+from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
+from models.loading import ENHANCER_FORMAT
+from utils.atomic import atomic_write, atomic_write_many
+from utils.checkpoint import save_checkpoint
+from utils.errors import Stopped, UserError, register_output, write_error
+
+
+def limited(limit_bytes: int):
+    """A preexec_fn: the child may write no file larger than `limit_bytes` (then EFBIG)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+
+def run_script(*argv, limit_bytes: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", GLIBC_TUNABLES=GLIBC_TUNABLES, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limited(limit_bytes) if limit_bytes else None)
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".emnet.lock"}
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    model = random_enhancer("emnet_tiny", 8)
+    path = tmp_path / "tiny.pth"
+    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny", "config": model.config.to_dict(),
+                           "state_dict": model.state_dict(), "epoch": 0})
+    return path
+
+
+def noisy_pairs(root: Path, names, size=(32, 48), seed=0) -> Path:
+    """Pairs of random pixels: their PNGs do not compress (about 3 bytes per pixel)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        for side in ("low", "high"):
+            write_png(root / side / f"{name}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return root
+
+
+# ----------------------------------------------------------------------------- 1. write faults
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO])
+def test_write_error_names_the_path_the_os_words_and_the_flag(tmp_path, code):
+    register_output(tmp_path / "res", "--result_dir")
+    target = tmp_path / "res" / "ori" / "1.png"
+    text = str(write_error(target, OSError(code, os.strerror(code))))
+    assert "\n" not in text
+    assert str(target) in text and os.strerror(code) in text and errno.errorcode[code] in text
+    assert "--result_dir" in text
+
+
+def test_atomic_write_under_a_size_limit_keeps_the_old_file(tmp_path):
+    """In a child limited to 4 kB per file: a 10 kB write (bytes, and a torch.save, which reports
+    the failed write as a RuntimeError without errno) is a UserError naming the file and EFBIG;
+    the old files are unchanged and no temporary file is left. Several files written together
+    replace none when one fails."""
+    for name in ("a.bin", "b.pth", "c.txt", "d.txt"):
+        (tmp_path / name).write_bytes(b"old")
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from utils.atomic import atomic_write, atomic_write_many
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+d = Path({str(tmp_path)!r})
+for write in (lambda: atomic_write(d / "a.bin", b"x" * 10000),
+              lambda: save_checkpoint(d / "b.pth", {{"w": torch.zeros(2500)}}),
+              lambda: atomic_write_many([(d / "c.txt", b"new"), (d / "d.txt", b"y" * 10000)])):
+    try:
+        write()
+    except UserError as err:
+        print(err)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=limited(4096), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 3, proc.stdout + proc.stderr
+    for line, name in zip(lines, ("a.bin", "b.pth", "d.txt")):
+        assert line.startswith(f"cannot write {tmp_path / name}: File too large (EFBIG)"), line
+    assert all((tmp_path / n).read_bytes() == b"old" for n in ("a.bin", "b.pth", "c.txt", "d.txt"))
+    assert temporary_files(tmp_path) == []
+
+
+def test_atomic_write_of_other_errors_is_unchanged(tmp_path):
+    """A bug in the writing function is no write fault: it propagates as it is."""
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(tmp_path / "x", lambda f: 1 / 0)
+    with pytest.raises(FileNotFoundError):
+        atomic_write_many([(tmp_path / "missing" / "x", b"")])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_test_py_under_a_size_limit_keeps_the_previous_results(tmp_path, weights):
+    """test.py --save_images --pictures with images larger than the size limit: one line naming the
+    image, EFBIG and --result_dir, exit 2, no temporary file, and the previous run's results in the
+    same folder byte for byte as they were. A limit that lets the images through but not
+    summary.json leaves the previous metrics.csv, summary.json and result.txt (all three)."""
+    first = noisy_pairs(tmp_path / "first", ["1", "2"], seed=1)
+    result = tmp_path / "result"
+    proc = run_script("test.py", "--weights", weights, "--input_dir", first, "--result_dir", result,
+                      "--save_images", "--pictures", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    before = snapshot(result)
+    assert {"metrics.csv", "summary.json", "result.txt", "index.html", "ori/1.png"} <= set(before)
+
+    second = noisy_pairs(tmp_path / "second", ["1", "2"], seed=2)
+    proc = run_script("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
+                      "--save_images", "--pictures", "--device", "cpu", limit_bytes=2048)
+    line = assert_user_error(proc, result / "ori" / "1.png", allow_noise=("enhance",))
+    assert "File too large (EFBIG)" in line and "--result_dir" in line
+    assert snapshot(result) == before
+    assert temporary_files(result) == []
+
+    proc = run_script("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
+                      "--device", "cpu", limit_bytes=900)  # metrics.csv (~0.2 kB) fits, summary.json (~1.1 kB) not
+    line = assert_user_error(proc, result / "summary.json", allow_noise=("enhance",))
+    assert "EFBIG" in line
+    assert snapshot(result) == before
+    assert temporary_files(result) == []
+
+
+@pytest.mark.slow
+def test_video_and_onnx_under_a_size_limit(tmp_path, weights):
+    """enhance_video.py (whose FFmpeg writer reports no failed write: the output is read back) and
+    export_onnx.py under a size limit: exit 2, one line naming --output and EFBIG, no file under
+    the final name, no temporary file."""
+    import cv2
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    for ext in (".mp4", ".avi"):
+        dst = out / f"enhanced{ext}"
+        proc = run_script("enhance_video.py", "--input", clip, "--output", dst, "--weights", weights,
+                          "--arch", "emnet_tiny", "--embed_dim", "8", "--device", "cpu", limit_bytes=20000)
+        line = assert_user_error(proc, dst, allow_noise=("enhance",))
+        assert "EFBIG" in line and "--output" in line
+        assert not dst.exists() and temporary_files(out) == []
+    pytest.importorskip("onnx")
+    onnx_path = out / "tiny.onnx"
+    proc = run_script("export_onnx.py", "--weights", weights, "--output", onnx_path, limit_bytes=20000)
+    line = assert_user_error(proc, onnx_path)
+    assert "EFBIG" in line and "--output" in line
+    assert not onnx_path.exists() and temporary_files(out) == []
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 64 kB tmpfs (root only; skipped where mounting is not permitted)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"mount -t tmpfs not permitted here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_during_test_py_and_training(full_tmpfs, tmp_path, weights):
+    """A full tmpfs (ENOSPC): test.py and train_enhancer.py end with one line naming the path,
+    'No space left on device', 'free space on' and the flag; the earlier results stay readable
+    and nothing temporary is left."""
+    pairs = noisy_pairs(tmp_path / "pairs", ["1", "2", "3"], size=(64, 96))
+    result = full_tmpfs / "result"
+    proc = run_script("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
+                      "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    before = snapshot(result)
+    free = os.statvfs(full_tmpfs)
+    (full_tmpfs / "filler").write_bytes(b"\0" * max(free.f_bavail * free.f_frsize - 12 * 1024, 0))
+    proc = run_script("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
+                      "--save_images", "--device", "cpu")
+    line = assert_user_error(proc, result, allow_noise=("enhance",))
+    assert "No space left on device (ENOSPC)" in line and "free space on" in line and "--result_dir" in line
+    assert snapshot(result) == before and temporary_files(full_tmpfs) == []
+
+    (full_tmpfs / "filler").unlink()  # room for options.yml and train.log, not for a 1 MB checkpoint
+    train = make_structured_pairs(tmp_path / "train", ["a", "b", "c", "d"], size=(40, 40))
+    proc = subprocess.run([sys.executable, *train_cmd(train, full_tmpfs / "runs", "full", "--nepoch", 50,
+                                                      "--val_percent", 0, "--train_ps", 32, "--batch_size", 4)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    line = assert_user_error(proc, full_tmpfs / "runs" / "full", allow_noise=("epoch",))
+    assert "ENOSPC" in line and "--save_dir" in line
+    assert temporary_files(full_tmpfs) == []
