@@ -233,3 +233,149 @@ def test_full_disk_during_test_py_and_training(full_tmpfs, tmp_path, weights):
     line = assert_user_error(proc, full_tmpfs / "runs" / "full", allow_noise=("epoch",))
     assert "ENOSPC" in line and "--save_dir" in line
     assert temporary_files(full_tmpfs) == []
+
+
+# ----------------------------------------------------------------------------- 2. stop signals in training
+
+class _SignalAtCall(torch.nn.Module):
+    """Wraps the real loss and sends `signum` to this process during call number `at`."""
+
+    def __init__(self, inner, at: int, signum: int):
+        super().__init__()
+        self.inner, self.at, self.signum, self.calls = inner, at, signum, 0
+
+    def forward(self, pred, target):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.inner(pred, target)
+
+
+def train_here(train: Path, save: Path, env_name: str, *extra) -> Path:
+    argv = ["--train_dir", str(train), "--save_dir", str(save), "--env", env_name, *FAST, *map(str, TINY),
+            *map(str, extra)]
+    train_enhancer.main(train_enhancer.get_args_parser().parse_args(argv))
+    return save / env_name
+
+
+@pytest.mark.parametrize("signum,path", [(signal.SIGTERM, "on"), (signal.SIGINT, "off")],
+                         ids=["sigterm_device_batches", "sigint_dataloader"])
+def test_signal_mid_epoch_saves_the_step_and_resume_matches_a_straight_run(tmp_path, monkeypatch, signum, path):
+    """A signal during step 3 (mid-epoch: 2 steps per epoch): the step ends, model_latest.pth holds
+    iteration 3 and `Stopped` carries exit 128 + signum; --resume then gives the losses, weights and
+    optimizer moments of a run never interrupted, from step 4 on."""
+    threads, handler = torch.get_num_threads(), signal.getsignal(signum)
+    torch.set_num_threads(1)
+    try:
+        train = make_structured_pairs(tmp_path / "train", ["r1", "r2", "r3", "r4"], size=(10, 12), seed=3)
+        flags = ("--nepoch", 3, "--data_on_device", path)
+        a = train_here(train, tmp_path, "A", *flags)
+        real = train_enhancer.EnhancementLoss
+        monkeypatch.setattr(train_enhancer, "EnhancementLoss", lambda *a, **k: _SignalAtCall(real(*a, **k), 3, signum))
+        with pytest.raises(Stopped) as stop:
+            train_here(train, tmp_path, "B", *flags)
+        monkeypatch.undo()
+        assert stop.value.exit_code == 128 + signum
+        assert f"stopped by {signal.Signals(signum).name} at epoch 1 iteration 3" in str(stop.value)
+        assert signal.getsignal(signum) == handler, "the trainer left its signal handler installed"
+        part = load(tmp_path / "B" / "models" / "model_latest.pth")
+        assert (part["epoch"], part["iteration"]) == (1, 3)
+        train_here(train, tmp_path, "B", *flags, "--resume")
+    finally:
+        torch.set_num_threads(threads)
+    la, lb = losses_from_log(a / "train.log"), losses_from_log(tmp_path / "B" / "train.log")
+    assert len(la) == 6 and la == lb
+    ca, cb = load(a / "models" / "model_latest.pth"), load(tmp_path / "B" / "models" / "model_latest.pth")
+    assert (cb["epoch"], cb["iteration"]) == (3, 6)
+    assert_same_state(ca["state_dict"], cb["state_dict"], "weights")
+    assert_same_optimizer(ca["optimizer"], cb["optimizer"])
+
+
+def start_training(train: Path, save: Path, env_name: str, *extra, prelude: str = "") -> subprocess.Popen:
+    """train_enhancer.py in a subprocess; `prelude` runs before it (test-only patches)."""
+    code = (f"import runpy, sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = {train_cmd(train, save, env_name, *extra)!r}\n"
+            f"{prelude}\nrunpy.run_path('train_enhancer.py', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < end, "timed out waiting for the run"
+        time.sleep(0.002)
+
+
+def loss_lines(log: Path) -> int:
+    return len(losses_from_log(log)) if log.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_to_a_training_process_saves_within_30_s_and_resume_finishes(tmp_path, signum):
+    """A real signal to train_enhancer.py in its third epoch: exit 143 / 130 within 30 s, one line
+    saying what was kept, model_latest.pth at the last logged iteration; --resume finishes."""
+    train = make_structured_pairs(tmp_path / "train", ["k1", "k2", "k3", "k4", "k5", "k6"], size=(40, 40))
+    save, flags = tmp_path / "runs", ("--nepoch", 400, "--val_percent", 0, "--train_ps", 32, "--batch_size", 2,
+                                      "--log_every", 1, "--checkpoint", 1000)
+    log = save / "sig" / "train.log"
+    proc = start_training(train, save, "sig", *flags)
+    try:
+        wait_until(lambda: loss_lines(log) >= 7, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"stopped by {signal.Signals(signum).name} at epoch") and "--resume continues" in last
+    ckpt = load(save / "sig" / "models" / "model_latest.pth")
+    assert ckpt["iteration"] == loss_lines(log) >= 7
+    assert temporary_files(save) == []
+    proc = subprocess.run([sys.executable, *train_cmd(train, save, "sig", *flags, "--resume", "--max_iters",
+                                                      ckpt["iteration"] + 2)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming at epoch {ckpt['epoch']} iteration {ckpt['iteration']}" in log.read_text()
+    assert load(save / "sig" / "models" / "model_latest.pth")["iteration"] == ckpt["iteration"] + 2
+
+
+SLOW_SAVES = """
+import time, torch
+_save = torch.save
+def _slow_save(*args, **kwargs):
+    time.sleep(1.5)
+    return _save(*args, **kwargs)
+torch.save = _slow_save
+"""
+
+
+@pytest.mark.slow
+def test_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path):
+    """Every checkpoint write made to take 1.5 s: a SIGTERM, then a second one while a temporary
+    checkpoint file is being written: exit 143 at once, the temporary file removed, model_latest.pth
+    the one from before that save (same inode, loads)."""
+    train = make_structured_pairs(tmp_path / "train", ["s1", "s2", "s3", "s4"], size=(40, 40))
+    save = tmp_path / "runs"
+    models = save / "two" / "models"
+    latest = models / "model_latest.pth"
+    proc = start_training(train, save, "two", "--nepoch", 100, "--val_percent", 0, "--train_ps", 32,
+                          "--batch_size", 4, "--log_every", 1, "--checkpoint", 1000, prelude=SLOW_SAVES)
+    try:
+        wait_until(lambda: latest.exists(), proc)
+        wait_until(lambda: not list(models.glob(".model_latest.pth.*")), proc)  # between two saves
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: bool(list(models.glob(".model_latest.pth.*"))), proc)  # the next save is under way
+        before = (latest.stat().st_ino, load(latest)["iteration"])
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "SIGTERM again: stopped at once" in err and "Traceback" not in err
+    assert (latest.stat().st_ino, load(latest)["iteration"]) == before
+    assert not list(models.glob(".*.tmp"))
