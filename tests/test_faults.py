@@ -379,3 +379,54 @@ def test_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_chec
     assert "SIGTERM again: stopped at once" in err and "Traceback" not in err
     assert (latest.stat().st_ino, load(latest)["iteration"]) == before
     assert not list(models.glob(".*.tmp"))
+
+
+def memory_args(tmp_path: Path, weights: Path, train: Path, env_name: str, *extra) -> list[str]:
+    return ["--pretrain_weights", str(weights), "--train_dir", str(train), "--val_percent", "0", "--nepoch", "3",
+            "--mem_size", "16", "--batch_size", "2", "--train_ps", "24", "--learn_query", "--pos_thres", "0.2",
+            "--save_dir", str(tmp_path / "runs"), "--env", env_name, "--device", "cpu", *extra]
+
+
+def test_memory_signal_mid_epoch_and_resume_match_a_straight_run(tmp_path, monkeypatch, weights):
+    """train_memory.py (crop entries, learned query head): a SIGTERM during batch 3 (the first of
+    epoch 2) saves memory_latest.pth after that batch and raises `Stopped` (exit 143); --resume
+    replays the epoch's order and crops and ends with the memory, head and per-epoch log lines of
+    a run never interrupted."""
+    import train_memory
+
+    train = noisy_pairs(tmp_path / "train", ["a", "b", "c", "d"], size=(32, 40), seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_memory.main(train_memory.get_args_parser().parse_args(memory_args(tmp_path, weights, train, "A")))
+        real, calls = train_memory.threshold_triplet_loss, [0]
+
+        def signalling(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(train_memory, "threshold_triplet_loss", signalling)
+        with pytest.raises(Stopped) as stop:
+            train_memory.main(train_memory.get_args_parser().parse_args(memory_args(tmp_path, weights, train, "B")))
+        monkeypatch.undo()
+        assert stop.value.exit_code == 143 and "in epoch 2 after batch 1 of 2" in str(stop.value)
+        part = load(tmp_path / "runs" / "B" / "models" / "memory_latest.pth")
+        assert part["epoch"] == 1 and part["in_epoch"]["batches"] == 1
+        train_memory.main(train_memory.get_args_parser().parse_args(
+            memory_args(tmp_path, weights, train, "B", "--resume")))
+    finally:
+        torch.set_num_threads(threads)
+    a = load(tmp_path / "runs" / "A" / "models" / "memory_latest.pth")
+    b = load(tmp_path / "runs" / "B" / "models" / "memory_latest.pth")
+    assert a["epoch"] == b["epoch"] == 3 and "in_epoch" not in b
+    for k in ("mem_key", "mem_vale", "mem_age", "mem_index"):
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(a["head_state_dict"]["proj.weight"], b["head_state_dict"]["proj.weight"])
+
+    def epoch_lines(env_name: str) -> list[str]:
+        text = (tmp_path / "runs" / env_name / "train.log").read_text()
+        return [line.split(" ", 2)[2] for line in text.splitlines() if " queries matched a slot" in line]
+
+    assert len(epoch_lines("A")) == 3 and epoch_lines("A") == epoch_lines("B")
