@@ -291,12 +291,17 @@ def test_signal_mid_epoch_saves_the_step_and_resume_matches_a_straight_run(tmp_p
     assert_same_optimizer(ca["optimizer"], cb["optimizer"])
 
 
-def start_training(train: Path, save: Path, env_name: str, *extra, prelude: str = "") -> subprocess.Popen:
-    """train_enhancer.py in a subprocess; `prelude` runs before it (test-only patches)."""
-    code = (f"import runpy, sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = {train_cmd(train, save, env_name, *extra)!r}\n"
-            f"{prelude}\nrunpy.run_path('train_enhancer.py', run_name='__main__')")
+def start_script(script: str, *args, prelude: str = "") -> subprocess.Popen:
+    """`python SCRIPT ARGS` in a subprocess; `prelude` runs first in it (test-only patches)."""
+    argv = [script, *map(str, args)]
+    code = (f"import runpy, sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = {argv!r}\n"
+            f"{prelude}\nrunpy.run_path({script!r}, run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def start_training(train: Path, save: Path, env_name: str, *extra, prelude: str = "") -> subprocess.Popen:
+    return start_script(*train_cmd(train, save, env_name, *extra), prelude=prelude)
 
 
 def wait_until(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -430,3 +435,121 @@ def test_memory_signal_mid_epoch_and_resume_match_a_straight_run(tmp_path, monke
         return [line.split(" ", 2)[2] for line in text.splitlines() if " queries matched a slot" in line]
 
     assert len(epoch_lines("A")) == 3 and epoch_lines("A") == epoch_lines("B")
+
+
+# ----------------------------------------------------------------------------- 3. SIGTERM in the other scripts
+
+SLOW_FSYNC = """
+import os, time
+_fsync = os.fsync
+def _slow_fsync(fd):
+    time.sleep(1.5)
+    return _fsync(fd)
+os.fsync = _slow_fsync
+"""
+
+
+def stop_while_writing(proc: subprocess.Popen, folder: Path, pattern: str) -> str:
+    """SIGTERM once a temporary file matching `pattern` exists in `folder`; returns stderr."""
+    try:
+        wait_until(lambda: folder.is_dir() and bool(list(folder.glob(pattern))), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("stopped by SIGTERM")
+    return err
+
+
+@pytest.mark.slow
+def test_sigterm_during_test_py_leaves_complete_files_and_a_rerun_finishes(tmp_path, weights):
+    """SIGTERM while test.py writes an image (each fsync made slow): exit 143, no temporary file,
+    every image under its final name complete, no metrics.csv; the rerun writes them all."""
+    import cv2
+
+    pairs = noisy_pairs(tmp_path / "pairs", ["1", "2", "3", "4"])
+    result = tmp_path / "result"
+    argv = ("--weights", weights, "--input_dir", pairs, "--result_dir", result, "--save_images", "--device", "cpu")
+    stop_while_writing(start_script("test.py", *argv, prelude=SLOW_FSYNC), result / "ori", ".*.tmp")
+    assert temporary_files(result) == [] and not (result / "metrics.csv").exists()
+    for png in (result / "ori").glob("*.png"):
+        assert cv2.imread(str(png)) is not None, png
+    proc = run_script("test.py", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert len((result / "metrics.csv").read_text().splitlines()) == 5
+    assert sorted(p.name for p in (result / "ori").iterdir()) == ["1.png", "2.png", "3.png", "4.png"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_enhance_video_and_export_onnx_leaves_no_output(tmp_path, weights):
+    """SIGTERM while the video is being encoded, and while the ONNX file is being written: exit
+    143, nothing under the final name, no temporary file; a rerun completes."""
+    import cv2
+
+    clips = {}
+    for name, frames in (("long", 400), ("short", 6)):
+        clips[name] = tmp_path / f"{name}.avi"
+        writer = cv2.VideoWriter(str(clips[name]), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        writer.release()
+    out = tmp_path / "out"
+    dst = out / "enhanced.mp4"
+    flags = ("--output", dst, "--weights", weights, "--arch", "emnet_tiny", "--embed_dim", "8", "--device", "cpu")
+    stop_while_writing(start_script("enhance_video.py", "--input", clips["long"], *flags), out, ".enhanced.tmp.mp4")
+    assert list(out.iterdir()) == []
+    proc = run_script("enhance_video.py", "--input", clips["short"], *flags)
+    assert proc.returncode == 0 and dst.is_file(), proc.stderr
+    dst.unlink()
+
+    pytest.importorskip("onnx")
+    onnx_path = out / "tiny.onnx"
+    argv = ("--weights", weights, "--output", onnx_path)
+    stop_while_writing(start_script("export_onnx.py", *argv, prelude=SLOW_FSYNC), out, ".tiny.onnx.*.tmp")
+    assert list(out.iterdir()) == []
+    proc = run_script("export_onnx.py", *argv)
+    assert proc.returncode == 0 and onnx_path.is_file(), proc.stderr
+
+
+# ----------------------------------------------------------------------------- 4. one run per result folder
+
+@pytest.mark.slow
+def test_second_run_into_a_locked_result_folder_is_refused(tmp_path, weights):
+    """While another run holds RESULT_DIR's lock, test.py into it exits 2 with one line naming the
+    lock file and its holder, and writes nothing; once the lock is gone the run completes."""
+    from utils.folder_lock import LOCK_NAME, FolderLock
+
+    pairs = noisy_pairs(tmp_path / "pairs", ["1", "2"])
+    result = tmp_path / "result"
+    result.mkdir()
+    holder = FolderLock(result, "--result_dir")
+    argv = ("--weights", weights, "--input_dir", pairs, "--result_dir", result, "--save_images", "--device", "cpu")
+    proc = run_script("test.py", *argv)
+    line = assert_user_error(proc, result / LOCK_NAME)
+    assert f"held by process {os.getpid()}" in line and "--result_dir" in line
+    assert [p.name for p in result.iterdir()] == [LOCK_NAME]
+    holder.release()
+    proc = run_script("test.py", *argv)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_never_mix_their_results(tmp_path, weights):
+    """Two test.py runs of different inputs started together into one folder: each ends with exit 0
+    or with the lock line (exit 2); metrics.csv and ori/ hold exactly one run's images."""
+    first = noisy_pairs(tmp_path / "first", ["a1", "a2", "a3"], seed=1)
+    second = noisy_pairs(tmp_path / "second", ["b1", "b2", "b3"], seed=2)
+    result = tmp_path / "result"
+    procs = [start_script("test.py", "--weights", weights, "--input_dir", src, "--result_dir", result,
+                          "--save_images", "--device", "cpu") for src in (first, second)]
+    outcomes = [(p.communicate(timeout=180)[1], p.returncode) for p in procs]
+    for err, code in outcomes:
+        assert code == 0 or (code == 2 and "is in use by another run" in err), err
+    rows = sorted(line.split(",")[0] for line in (result / "metrics.csv").read_text().splitlines()[1:])
+    assert rows in (["a1", "a2", "a3"], ["b1", "b2", "b3"])
+    if any(code == 2 for _, code in outcomes):  # the refused run wrote nothing
+        assert sorted(p.stem for p in (result / "ori").iterdir()) == rows
