@@ -37,7 +37,7 @@ from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
 from models.loading import ENHANCER_FORMAT
 from utils.atomic import atomic_write, atomic_write_many
 from utils.checkpoint import save_checkpoint
-from utils.errors import Stopped, UserError, register_output, write_error
+from utils.errors import Stopped, register_output, write_error
 
 
 def limited(limit_bytes: int):
@@ -88,6 +88,12 @@ def test_write_error_names_the_path_the_os_words_and_the_flag(tmp_path, code):
     assert "\n" not in text
     assert str(target) in text and os.strerror(code) in text and errno.errorcode[code] in text
     assert "--result_dir" in text
+
+
+def test_write_error_without_a_path_names_no_wrong_folder():
+    """Python's `Path.write_text` reports a full disk at close without the file's name."""
+    text = str(write_error(None, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert text.startswith("a write failed: No space left on device (ENOSPC)") and os.getcwd() not in text
 
 
 def test_atomic_write_under_a_size_limit_keeps_the_old_file(tmp_path):

@@ -53,7 +53,9 @@ def is_write_fault(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in WRITE_ERRNOS
 
 
-def _fix(code: int, folder: Path, flag: str) -> str:
+def _fix(code: int, folder: Path | None, flag: str) -> str:
+    if folder is None:  # the OS did not say which file
+        return f"free space on, or fix the disk or permissions of, the folder written to, or choose another {flag}"
     if code == errno.ENOSPC:
         return f"free space on the disk holding {folder} (df -h {folder}) or choose another {flag}"
     if code == errno.EDQUOT:
@@ -70,13 +72,14 @@ def _fix(code: int, folder: Path, flag: str) -> str:
 
 def write_error(path: str | Path | None, err: OSError) -> UserError:
     """The one-line UserError for `err` (an OSError in WRITE_ERRNOS) raised while writing `path`
-    (None: unknown, the current folder is named)."""
+    (None: the OS did not say which file)."""
     where = Path(path) if path is not None else None
-    folder = Path.cwd() if where is None else where if where.is_dir() else where.parent
+    folder = None if where is None else where if where.is_dir() else where.parent
     words = err.strerror or os.strerror(err.errno)
     name = errno.errorcode.get(err.errno, str(err.errno))
     what = f"cannot write {where}" if where is not None else "a write failed"
-    return UserError(f"{what}: {words} ({name}); {_fix(err.errno, folder, output_flag(where or folder))}")
+    flag = output_flag(where) if where is not None else "output folder"
+    return UserError(f"{what}: {words} ({name}); {_fix(err.errno, folder, flag)}")
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
