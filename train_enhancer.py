@@ -403,7 +403,7 @@ def main(args: argparse.Namespace) -> None:
                 files = []
                 due = epoch % args.val_time == 0 or stop
                 if signals.requested:  # validate only where an uninterrupted run would: save first
-                    due = epoch_complete and epoch % args.val_time == 0
+                    due = (epoch_complete and epoch % args.val_time == 0) or finished
                 if val_pairs and due:
                     means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
                     if means["psnr"] > best["psnr"]:
