@@ -8,7 +8,7 @@ the temporary file and raises a one-line UserError (`utils.errors.write_error`);
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -48,10 +48,11 @@ def remove_temporary_files() -> None:
 def _stage(path: Path, data: bytes | Callable[[BinaryIO], None]) -> str:
     """Write `data` to a fsynced temporary file next to `path`; return its name."""
     recorder = None
-    tmp = None
+    # Named and registered before it exists: a signal raised at any moment leaves no file unknown.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    _in_flight.add(tmp)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        _in_flight.add(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             recorder = _Recorder(f)
             if callable(data):
@@ -60,10 +61,12 @@ def _stage(path: Path, data: bytes | Callable[[BinaryIO], None]) -> str:
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.chmod(tmp, 0o644)  # readable like any output (created 0600 while incomplete)
         return tmp
     except BaseException as err:
-        if tmp is not None:
+        if isinstance(err, FileExistsError):  # not ours (2**-64): leave it
+            _in_flight.discard(tmp)
+        else:
             _discard(tmp)
         cause = recorder.error if recorder is not None and recorder.error is not None else err
         if is_write_fault(cause):
