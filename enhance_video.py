@@ -6,16 +6,18 @@ neighbouring frames of one scene can recall different slots (the top-1 read is a
 the correction then jumps from frame to frame: the video flickers. So the recalled colour is
 smoothed over time with an exponential moving average, m_t = S m_(t-1) + (1 - S) r_t (--smooth S,
 0 = none), before it corrects the frame. The output keeps the input's frame rate, frame count and
-size (but even: the encoders need it); it is written to a temporary file beside --output and
-renamed when complete. Example:
+size (but even: the encoders need it); it is written to a temporary file beside --output, read
+back (a full disk cuts it short without an error from the writer) and renamed when complete. Example:
     python enhance_video.py --input dark.mp4 --output bright.mp4 \
         --mem_weights pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,7 +38,7 @@ from models.options import (
 )
 from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.device import resolve_device
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli, write_error
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 
 CODECS = {".mp4": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}  # output extension -> FourCC
@@ -121,6 +123,31 @@ def output_codec(path: Path) -> int:
     return cv2.VideoWriter_fourcc(*codec)
 
 
+def likely_fault(path: Path) -> OSError:
+    """The OS fault that most likely cut the video at `path` short: FFmpeg reports none."""
+    size = path.stat().st_size if path.exists() else 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    free = os.statvfs(path.parent)
+    if free.f_bavail * free.f_frsize < max(size, 2**20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, "the video writer stopped early")
+
+
+def check_complete(tmp: Path, dst: Path, count: int) -> None:
+    """Read the written video back: OpenCV's writer says nothing when a write fails (a full disk,
+    a size limit), so a video with fewer than `count` readable frames is a one-line UserError,
+    and it never gets the name `dst`."""
+    capture = cv2.VideoCapture(str(tmp), cv2.CAP_FFMPEG)
+    readable = 0
+    while capture.isOpened() and readable < count and capture.grab():
+        readable += 1
+    capture.release()
+    if readable < count:
+        raise write_error(dst, likely_fault(tmp))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Enhance a low-light video with EMNet (enhancer, then the "
                                             "external memory with a temporally smoothed colour)",
@@ -173,6 +200,7 @@ def main(args: argparse.Namespace) -> None:
             writer.write(np.ascontiguousarray(out[:even_h, :even_w]))
             count += 1
         writer.release()
+        check_complete(tmp, dst, count)
         os.replace(tmp, dst)
     except BaseException:
         writer.release()

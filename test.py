@@ -2,7 +2,8 @@
 
 Writes RESULT_DIR/ori/<name>.png (the enhancer) and, with --mem_weights, RESULT_DIR/mem/<name>.png
 (after the memory) when --save_images is given, plus RESULT_DIR/metrics.csv (one row per image),
-summary.json and result.txt (means). Without a high/ folder the images are only enhanced.
+summary.json and result.txt (means); a second run into the same RESULT_DIR meanwhile is refused
+(utils/folder_lock.py). Without a high/ folder the images are only enhanced.
 --pictures also writes RESULT_DIR/strips/<name>.jpg (low | ori | mem | ground truth) and index.html.
 --enhanced_dir DIR takes another method's outputs instead of our enhancer (plug-and-play). Example:
     python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
@@ -32,6 +33,7 @@ from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import refiner_from_flags
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
+from utils.folder_lock import FolderLock
 from utils.perceptual import LPIPS_CONVENTION, build_lpips
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
@@ -84,6 +86,7 @@ def main(args: argparse.Namespace) -> None:
     lpips = build_lpips(args.lpips_alexnet, "drop --lpips").to(device) if args.lpips else None
     result_dir = writable_dir(args.result_dir or default_result_dir(
         args.input_dir, args.enhanced_dir or args.weights, args.mem_weights), "--result_dir")
+    lock = FolderLock(result_dir, "--result_dir")  # one run per folder: a second is refused
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     if memory is not None:
         check_memory_flags(args, memory.config.mem_size, memory.config.key_dim, memory.config.pooling_size,
@@ -123,6 +126,7 @@ def main(args: argparse.Namespace) -> None:
     if args.pictures:
         page = write_pictures(result_dir, pairs, rows, columns, summary, stages)
         print(f"pictures: {result_dir / 'strips'}/<name>.jpg; open {page} in a browser")
+    lock.release()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from utils.report import mean_scores
 from utils.run_log import RunLog
 from utils.schedule import build_schedule, fix_budget, last_iteration, schedule_plan
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
+from utils.signals import StopSignals, ignore_stop_signals
 from utils.training import (
     BUDGET_TIMED_STEPS,
     MAX_BAD_STEPS,
@@ -244,7 +245,8 @@ def main(args: argparse.Namespace) -> None:
                    if info.enabled else RandomSampler(dataset, generator=generator))
         loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
                             num_workers=args.train_workers, drop_last=True,
-                            pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0)
+                            pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0,
+                            worker_init_fn=ignore_stop_signals)
         iters_per_epoch = len(loader)
     plan = schedule_plan(args, ckpt, iters_per_epoch)
     spent_before = plan["spent_s"]  # by earlier calls of a budgeted run
@@ -323,6 +325,7 @@ def main(args: argparse.Namespace) -> None:
         log.line(f"nothing to train: the run is at iteration {iteration} and stops at {last_iter} "
                  "(raise --max_iters or --nepoch); checkpoints left as they are")
         stop = True
+    signals = StopSignals()  # SIGTERM/SIGINT: save this step's checkpoint, then exit 143/130
     try:
         while not stop:
             skip = iteration - epoch * iters_per_epoch  # >0 only when resuming mid-epoch
@@ -403,16 +406,23 @@ def main(args: argparse.Namespace) -> None:
                              "reached; --resume continues")
                     stop = True
                     break
+                if signals.agreed(info, device, iteration, args.log_every):
+                    log.line(f"stopping at iteration {iteration}: {signals.name} received; saving {latest_path}")
+                    stop = True
+                    break
             epoch_complete = iteration == (epoch + 1) * iters_per_epoch
             if epoch_complete:
                 epoch += 1
             finished = plan["total_iters"] is not None and iteration >= plan["total_iters"]
-            stop = stop or finished
+            stop = stop or finished or signals.agreed(info, device)
             if on_device:
                 nonfinite.check(log, iteration)
             if info.is_main:
                 files = []
-                if val_pairs and (epoch % args.val_time == 0 or stop):
+                due = epoch % args.val_time == 0 or stop
+                if signals.requested:  # validate only where an uninterrupted run would: save first
+                    due = (epoch_complete and epoch % args.val_time == 0) or finished
+                if val_pairs and due:
                     means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
                     if selects and means["psnr"] > best["psnr"]:
                         best = {"psnr": means["psnr"], "epoch": epoch}
@@ -429,11 +439,14 @@ def main(args: argparse.Namespace) -> None:
             barrier(info)
     finally:
         writer.join()  # never exit with a checkpoint half-way to the disk
+        signals.restore()
     best_text = (f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs and selects
                  else "no checkpoint selected")
     log.line(f"finished at epoch {epoch} iteration {iteration}; {best_text}; checkpoints in {models_dir}")
     log.close()
     cleanup(info)
+    signals.raise_if_stopped(f"stopped by {signals.name} at epoch {epoch} iteration {iteration}; {latest_path} "
+                             "holds this step: --resume continues")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,15 @@ from models.options import (
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
 from models.refiner import read_settings
-from utils.checkpoint import remove_stale_temp_files, save_checkpoint
+from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
+from utils.mid_epoch import MidEpoch
 from utils.report import mean_scores, score
 from utils.run_log import RunLog
 from utils.seed import seed_everything
+from utils.signals import StopSignals, ignore_stop_signals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -221,7 +223,8 @@ def main(args: argparse.Namespace) -> None:
         dataset = WithIndex(PairedCrops(train_pairs, args.train_ps))
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)),
-                        sampler=RandomSampler(dataset, generator=generator), num_workers=args.train_workers)
+                        sampler=RandomSampler(dataset, generator=generator), num_workers=args.train_workers,
+                        worker_init_fn=ignore_stop_signals)
 
     memory = ExternalMemory(config, torch.Generator().manual_seed(args.seed)).to(device)
     head = QueryHead(encoder.dim).to(device) if args.learn_query else None
@@ -251,10 +254,15 @@ def main(args: argparse.Namespace) -> None:
 
     extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
              "entries": args.entries, "border_margin": args.border_margin, "options": vars(args)}
+    signals = StopSignals()  # SIGTERM/SIGINT: save after the batch under way, then exit 143/130
+    position = MidEpoch(load_checkpoint_file(latest_path).get("in_epoch") if args.resume else None)
+    stopped_at = ""
     while epoch < args.nepoch:
-        matched = written = 0
-        losses = []
-        for batch in tqdm(loader, desc=f"epoch {epoch}", leave=False):
+        counts = position.start_epoch(generator)
+        matched, written, losses, done = counts["matched"], counts["written"], counts["losses"], 0
+        for done, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False), start=1):
+            if position.used_before(done):  # a resumed epoch: batches trained on before the stop
+                continue
             if args.entries == "images":
                 query, value, index = (t.to(device) for t in batch)
             else:
@@ -271,6 +279,16 @@ def main(args: argparse.Namespace) -> None:
             hits = memory.update(query, value, index)
             matched += int(hits.sum())
             written += len(hits)
+            if signals.requested:
+                break
+        if signals.requested and done < len(loader):
+            stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(loader)}"
+            log.line(f"stopping {stopped_at}: {signals.name} received; saving {latest_path}")
+            save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head, {
+                **extra, "read": val_read, "best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
+                "head_optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "in_epoch": position.state(done, matched, written, losses)}))
+            break
         epoch += 1
         used = int((memory.top_index >= 0).sum())
         log.line(f"epoch {epoch}: {matched}/{written} queries matched a slot, {used}/{config.mem_size} "
@@ -290,6 +308,12 @@ def main(args: argparse.Namespace) -> None:
                  "head_optimizer": optimizer.state_dict() if optimizer is not None else None}
         save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head,
                                                     {**extra, "read": val_read, **state}))
+        if signals.requested:
+            stopped_at = f"after epoch {epoch}"
+            break
+    signals.restore()
+    signals.raise_if_stopped(f"stopped by {signals.name} {stopped_at}; {latest_path} holds this step: "
+                             "--resume continues")
     if read["strength"] == "auto":
         calibrate_final(memory, head, train_passes, train_pairs, encoder, query_name, read, models_dir,
                         val, log, device)

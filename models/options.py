@@ -8,7 +8,7 @@ from pathlib import Path
 from models.enhancer import ARCH_PRESETS
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
-from utils.errors import UserError
+from utils.errors import UserError, is_write_fault, register_output, write_error
 
 DEFAULT_VAL_PERCENT = 10.0
 BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
@@ -128,12 +128,16 @@ def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: s
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:
-    """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise."""
+    """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise.
+    Later write faults under `path` name `flag` in their fix (`utils.errors.register_output`)."""
     path = Path(path)
+    register_output(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):  # unique: safe for DDP ranks
             pass
     except OSError as err:
+        if is_write_fault(err):
+            raise write_error(path, err) from None
         raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
     return path

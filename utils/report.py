@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_many
 from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
 from utils.stats import RESAMPLES, bootstrap_ci
 
@@ -77,7 +77,8 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     """Write metrics.csv (a row per image), summary.json and result.txt (means with their 95%
     bootstrap intervals, `ci95`); return the summary.
 
-    Every file is written to a temporary name and renamed, so earlier results are replaced whole.
+    The three are written to temporary names first and renamed together, so earlier results are
+    replaced whole, and a fault while writing (a full disk) replaces none of them.
     """
     means = mean_scores(rows, columns)
     ci95 = intervals(rows, columns)
@@ -85,14 +86,14 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     writer = csv.DictWriter(buf, fieldnames=["name", *columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(result_dir / "metrics.csv", buf.getvalue())
     summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, "ci95": ci95,
                "ci95_method": CI_METHOD, **meta}
-    atomic_write_text(result_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
                       f"images: {len(rows)}", f"intervals: {CI_METHOD}"] +
                      [f"mean {c}: {_fmt(v)}" + (f" (95% CI {ci95[c][0]:.4f} .. {ci95[c][1]:.4f})" if c in ci95 else "")
                       for c, v in means.items()] +
                      [f"{k}: 95% CI {v[0]:+.4f} .. {v[1]:+.4f}" for k, v in ci95.items() if k.startswith("mem_minus")])
-    atomic_write_text(result_dir / "result.txt", text + "\n")
+    atomic_write_many([(result_dir / "metrics.csv", buf.getvalue().encode()),
+                       (result_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()),
+                       (result_dir / "result.txt", (text + "\n").encode())])
     return summary

@@ -6,9 +6,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils.errors import is_write_fault, write_error
+
 
 class RunLog:
-    """Lines to stdout (tqdm-safe) and to ENV/train.log; tensorboard scalars on the main process."""
+    """Lines to stdout (tqdm-safe) and to ENV/train.log; tensorboard scalars on the main process.
+    A full disk under train.log is a one-line UserError (`utils.errors.write_error`)."""
 
     def __init__(self, env_dir: Path, main_process: bool):
         self.main = main_process
@@ -22,8 +25,13 @@ class RunLog:
         if self.main:
             stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
             tqdm.write(stamped)
-            self.file.write(stamped + "\n")
-            self.file.flush()
+            try:
+                self.file.write(stamped + "\n")
+                self.file.flush()
+            except OSError as err:
+                if is_write_fault(err):
+                    raise write_error(self.file.name, err) from None
+                raise
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb is not None:

@@ -70,7 +70,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         count *= n
     nbytes = max(count * dtype.itemsize, 1)  # a zero-length file cannot be mapped
     folder = spill_dir()
-    with tempfile.TemporaryFile(dir=folder, prefix="emnet-spill-") as f:
+    try:
+        f = tempfile.TemporaryFile(dir=folder, prefix="emnet-spill-")
+    except OSError as err:
+        raise UserError(f"cannot write a feature map in the spill folder {folder} ({err.strerror}); "
+                        "set EMNET_SPILL_DIR to a writable folder with room, or raise --max_memory") from None
+    with f:
         try:
             os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as err:
