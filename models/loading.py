@@ -9,6 +9,7 @@ Weights may be stored in half precision; they are cast to the model's dtype on l
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,19 @@ def load_enhancer(path: str | Path, arch: str | None = None, embed_dim: int | No
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict)
     return model.eval(), ckpt
+
+
+def enhancer_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over the enhancer's weights (names, shapes, float32 values), as
+    loaded: the same for a file stored in float16 or float32 with equal values. A memory stores
+    the fingerprint of the enhancer whose features filled it (`models.refiner.check_enhancer`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        digest.update(f"{name}{tuple(t.shape)}".encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def export_half(src: str | Path, dst: str | Path) -> None:
