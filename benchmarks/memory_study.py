@@ -50,13 +50,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.pairing import find_pairs  # noqa: E402
+from dataset.scene_groups import DEFAULT_THRESHOLD, grouped_folds, scene_groups  # noqa: E402
 from models.calibration import calibrate_strength  # noqa: E402
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes  # noqa: E402
 from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory  # noqa: E402
 from models.options import BUNDLED_ENHANCER  # noqa: E402
-from dataset.scene_groups import DEFAULT_THRESHOLD, grouped_folds, scene_groups  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import run_cli  # noqa: E402

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO  # noqa: F401  (puts the repo on sys.path)
 from benchmarks.memory_study import VARIANTS, Variant, fold_corrections, predictability
 from dataset.scene_groups import grouped_folds, scene_groups
 from models.frozen_pass import FrozenPass
