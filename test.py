@@ -3,7 +3,8 @@
 Writes RESULT_DIR/ori/<name>.png (the enhancer) and, with --mem_weights, RESULT_DIR/mem/<name>.png
 (after the memory) when --save_images is given, plus RESULT_DIR/metrics.csv (one row per image),
 summary.json and result.txt (means); a second run into the same RESULT_DIR meanwhile is refused
-(utils/folder_lock.py). Without a high/ folder the images are only enhanced.
+(utils/folder_lock.py). Without a high/ folder the images are only enhanced. With a
+memory, metrics.csv and summary.json name its best entries for each image (`recalled`).
 --pictures also writes RESULT_DIR/strips/<name>.jpg (low | ori | mem | ground truth) and index.html.
 --enhanced_dir DIR takes another method's outputs instead of our enhancer (plug-and-play). Example:
     python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
@@ -124,7 +125,8 @@ def main(args: argparse.Namespace) -> None:
         print(format_table(rows, columns, summary["mean"], summary["ci95"]))
     print(f"{len(rows)} images in {seconds:.1f} s on {device}; results in {result_dir}")
     if args.pictures:
-        page = write_pictures(result_dir, pairs, rows, columns, summary, stages)
+        page = write_pictures(result_dir, pairs, rows, columns, summary, stages,
+                              refiner.sources.thumbnail if refiner is not None else None)
         print(f"pictures: {result_dir / 'strips'}/<name>.jpg; open {page} in a browser")
     lock.release()
 

@@ -9,7 +9,9 @@ threshold triplet loss. --strength auto calibrates the correction strength on th
 (models/calibration.py). Validation compares ori (enhancer) and mem (after the memory) on pairs
 held out of the training set (or --val_dir; a test set there is only reported, it selects
 nothing). Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth, options.yml, train.log,
-tensorboard/.
+tensorboard/. The file keeps the enhancer's fingerprint (test.py refuses another
+enhancer) and the name and a thumbnail of every training image (test.py shows which ones an image
+recalled).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
-from models.loading import load_enhancer, load_memory, memory_payload
+from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.options import (
     BUNDLED_ENHANCER,
@@ -41,6 +43,7 @@ from models.options import (
     check_memory_flags,
     writable_dir,
 )
+from models.provenance import sources_payload
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
 from models.refiner import read_settings
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
@@ -168,10 +171,16 @@ class ImageEntries(torch.utils.data.Dataset):
 
 def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
                 optimizer: torch.optim.Optimizer | None, generator: torch.Generator,
-                query_name: str) -> tuple[int, dict]:
+                query_name: str, fingerprint: str, weights: str) -> tuple[int, dict]:
     """Load `memory_latest.pth` into the fresh run's objects; returns (epoch, best scores).
-    A run started with other memory flags is a UserError (the file stays untouched)."""
+    A run started with other memory flags or another enhancer (`fingerprint` of `weights`) is a
+    UserError (the file stays untouched)."""
     resumed, ckpt = load_memory(path)
+    stored = ckpt.get("enhancer_fingerprint")
+    if stored is not None and stored != fingerprint:
+        raise UserError(f"--resume: {path} was filled with the features of {ckpt.get('enhancer_weights')} "
+                        f"(fingerprint {stored}), not of {weights} (fingerprint {fingerprint}); resume with "
+                        f"--pretrain_weights {ckpt.get('enhancer_weights')}, or use a new --env")
     config = memory.config
     was = (resumed.config.mem_size, resumed.config.key_dim, resumed.config.pooling_size,
            ckpt["query_encoder"], ckpt.get("head_state_dict") is not None)
@@ -231,7 +240,8 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr) if head is not None else None
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
-        epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name)
+        epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name,
+                                  enhancer_fingerprint(enhancer), args.weights)
     options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(), "read": read,
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "device": str(device)}
@@ -253,7 +263,11 @@ def main(args: argparse.Namespace) -> None:
     val_read = {**read, "strength": None} if read["strength"] == "auto" else read
 
     extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
-             "entries": args.entries, "border_margin": args.border_margin, "options": vars(args)}
+             "enhancer_fingerprint": enhancer_fingerprint(enhancer),
+             "entries": args.entries, "border_margin": args.border_margin, "options": vars(args),
+             "sources": sources_payload([pair.name for pair in train_pairs], [
+                 fp.high for fp in train_passes] if train_passes is not None else [
+                 to_uint8(read_pair(pair)[1]) for pair in train_pairs])}
     signals = StopSignals()  # SIGTERM/SIGINT: save after the batch under way, then exit 143/130
     position = MidEpoch(load_checkpoint_file(latest_path).get("in_epoch") if args.resume else None)
     stopped_at = ""

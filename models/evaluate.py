@@ -40,6 +40,8 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
                    lpips: nn.Module | None = None) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
     `mem_...` with a `refiner`; `..._lpips` with an `lpips` model, `utils.perceptual.LPIPS`).
+    A refiner with `top_entries` (`models.refiner.MemoryRefiner`) adds `recalled`: the memory's
+    best entries for the image (training-image name, sample index, score).
 
     `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
@@ -67,6 +69,8 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
         if ori_dir is not None:
             write_image(ori_dir / f"{pair.name}.png", ori8)
         if refiner is not None:
+            if hasattr(refiner, "top_entries"):
+                row["recalled"] = refiner.top_entries(x, features)[0]
             mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
             _scored(row, "mem_", mem8, high, lpips, device)
             if mem_dir is not None:

@@ -9,6 +9,7 @@ Weights may be stored in half precision; they are cast to the model's dtype on l
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,19 @@ def enhancer_payload(model: EMNetEnhancer, arch: str, epoch: int, iteration: int
     return {"format": ENHANCER_FORMAT, "arch": arch, "config": model.config.to_dict(),
             "state_dict": model.state_dict(), "epoch": epoch, "iteration": iteration,
             "best_psnr": best_psnr, "best_epoch": best_epoch, "options": options, **(extra or {})}
+
+
+def enhancer_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over the enhancer's weights (names, shapes, float32 values), as
+    loaded: the same for a file stored in float16 or float32 with equal values. A memory stores
+    the fingerprint of the enhancer whose features filled it (`models.refiner.check_enhancer`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        digest.update(f"{name}{tuple(t.shape)}".encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def export_half(src: str | Path, dst: str | Path) -> None:

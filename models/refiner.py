@@ -1,6 +1,7 @@
 """The memory stage at test time: query an image, recall a colour value, correct an output."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from models.enhancer import EMNetEnhancer
+from models.loading import enhancer_fingerprint
 from models.memory import ExternalMemory, refine_with_memory
+from models.provenance import EntrySources
 from models.query import ENHANCER_DESCRIPTORS, EnhancerQuery, QueryHead, build_query_encoder
 from utils.errors import UserError
 
@@ -22,11 +25,12 @@ class MemoryRefiner(nn.Module):
 
     def __init__(self, encoder: nn.Module, memory: ExternalMemory, head: QueryHead | None = None,
                  top_k: int = 1, pooling_mean: bool = False, temperature: float = 1.0,
-                 strength: float | None = None):
+                 strength: float | None = None, sources: EntrySources | None = None):
         super().__init__()
         self.encoder, self.memory, self.head = encoder, memory, head
         self.top_k, self.pooling_mean = top_k, pooling_mean
         self.temperature, self.strength = temperature, strength
+        self.sources = sources or EntrySources({})
 
     def query(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Unit-norm queries (B, key_dim) of low-light inputs (B, 3, H, W). With the enhancer
@@ -47,6 +51,22 @@ class MemoryRefiner(nn.Module):
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
             return self.memory.read(self.query(low.float(), features), self.top_k, self.temperature)
+
+    @torch.no_grad()
+    def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    n: int = 3) -> list[list[dict[str, Any]]]:
+        """Per input (B), the `n` best-scoring written slots: their training sample's `name`
+        ("unknown" without stored sources), sample `index` and cosine `score`, best first."""
+        with torch.autocast(low.device.type, enabled=False):
+            features = [f.float() for f in features] if features is not None else None
+            scores = self.memory.scores(self.query(low.float(), features))
+        written = self.memory.top_index >= 0
+        if written.any():
+            scores = scores.masked_fill(~written, -float("inf"))
+        best, slots = scores.topk(min(n, int(written.sum()) or n), dim=1)
+        return [[{"name": self.sources.name(int(self.memory.top_index[j])),
+                  "index": int(self.memory.top_index[j]), "score": round(float(s), 4)}
+                 for s, j in zip(row_s, row_j)] for row_s, row_j in zip(best, slots)]
 
     @torch.no_grad()
     def correct(self, enhanced: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
@@ -81,13 +101,38 @@ def read_settings(ckpt: dict[str, Any], top_k: int | None = None, temperature: f
     return stored
 
 
+def check_enhancer(ckpt: dict[str, Any], path: str | Path, enhancer: EMNetEnhancer,
+                   enhancer_path: str | Path | None = None) -> None:
+    """A memory with enhancer-feature keys must meet the enhancer that filled it: its stored
+    `enhancer_fingerprint` (`models.loading.enhancer_fingerprint`) must equal the enhancer's, else
+    one UserError line names both files and the fix. Older files without a fingerprint are checked
+    by architecture only, with a note on stderr."""
+    name = enhancer_path or "the enhancer given"
+    fix = (f"train a memory for these weights (train_memory.py --pretrain_weights {name}), or run ori "
+           "only with MEM_WEIGHTS= (test.py without --mem_weights)")
+    stored_fp, stored_config = ckpt.get("enhancer_fingerprint"), ckpt.get("enhancer_config")
+    filled_by = ckpt.get("enhancer_weights", "another enhancer")
+    if stored_fp is None:
+        if stored_config and stored_config != enhancer.config.to_dict():
+            raise UserError(f"memory {path} was filled with the features of {filled_by} (embed_dim "
+                            f"{stored_config['embed_dim']}), another architecture than {name}; {fix}")
+        print(f"note: memory {path} records no enhancer fingerprint (written before they were stored); "
+              f"whether {name} is the enhancer that filled it cannot be checked", file=sys.stderr)
+        return
+    now = enhancer_fingerprint(enhancer)
+    if now != stored_fp:
+        raise UserError(f"memory {path} was filled with the features of {filled_by} (fingerprint "
+                        f"{stored_fp}), not of {name} (fingerprint {now}): its reads would be meaningless; {fix}")
+
+
 def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path,
                   enhancer: EMNetEnhancer | None, query_encoder: str | None, query_weights: str | None,
                   top_k: int | None = None, pooling_mean: bool = False, pooling_size: int | None = None,
-                  temperature: float | None = None, strength: str | None = None) -> MemoryRefiner:
+                  temperature: float | None = None, strength: str | None = None,
+                  enhancer_path: str | Path | None = None) -> MemoryRefiner:
     """The refiner of a loaded memory checkpoint (`models.loading.load_memory`), read as its
-    checkpoint says unless flags say otherwise; mismatches with the flags or the enhancer are a
-    UserError naming the file."""
+    checkpoint says unless flags say otherwise; mismatches with the flags or the enhancer
+    (`check_enhancer`; `enhancer_path` names it in the message) are a UserError naming the file."""
     name = ckpt["query_encoder"]
     if query_encoder and query_encoder != name:
         raise UserError(f"memory {path} was written with --query_encoder {name}, not {query_encoder}; "
@@ -95,10 +140,8 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
     if pooling_size and pooling_size != memory.config.pooling_size:
         raise UserError(f"memory {path} stores p = {memory.config.pooling_size} values, but "
                         f"--pooling_size {pooling_size} was asked for; use {memory.config.pooling_size}")
-    stored = ckpt.get("enhancer_config")
-    if name in ENHANCER_DESCRIPTORS and enhancer is not None and stored and stored != enhancer.config.to_dict():
-        raise UserError(f"memory {path} was filled with queries of another enhancer "
-                        f"(embed_dim {stored['embed_dim']}); pass the enhancer it was trained on")
+    if name in ENHANCER_DESCRIPTORS and enhancer is not None:
+        check_enhancer(ckpt, path, enhancer, enhancer_path)
     encoder = build_query_encoder(name, enhancer, query_weights)
     if encoder.dim != memory.config.key_dim:
         raise UserError(f"memory {path} has {memory.config.key_dim}-d keys but the {name} query "
@@ -113,7 +156,7 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
                         f"{memory.config.mem_size} of memory {path}")
     if read["temperature"] <= 0:
         raise UserError(f"--temperature {read['temperature']} must be positive")
-    return MemoryRefiner(encoder, memory, head, **read).eval()
+    return MemoryRefiner(encoder, memory, head, **read, sources=EntrySources(ckpt)).eval()
 
 
 def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
@@ -122,4 +165,4 @@ def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
     `models.options.add_memory_args`, as every script that reads a memory takes them."""
     return build_refiner(memory, ckpt, args.mem_weights, enhancer, args.query_encoder, args.query_weights,
                          args.testing_top_k, args.pooling_mean, args.pooling_size, args.temperature,
-                         args.strength)
+                         args.strength, getattr(args, "weights", None))

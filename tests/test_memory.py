@@ -669,8 +669,13 @@ def test_test_py_with_trained_memory(setup, trained, tested, name):
             img = cv2.imread(str(result / stage / f"{n}.png"))
             assert img is not None and img.shape == (59, 77, 3), (stage, n)
     fields, rows = read_csv(result / "metrics.csv")
-    assert fields == ["name", *MEM_COLUMNS] and [r["name"] for r in rows] == ["x", "y"]
+    assert fields == ["name", *MEM_COLUMNS, "recalled"] and [r["name"] for r in rows] == ["x", "y"]
     summary = json.loads((result / "summary.json").read_text())
+    _, ckpt = load_memory(setup["save"] / name / "models" / "memory_best.pth")
+    for r in rows:  # the recalled entries name training images of this memory, as in summary.json
+        entries = summary["recalled"][r["name"]]
+        assert r["recalled"] == " ".join(f"{e['name']}:{e['score']:.4f}" for e in entries)
+        assert entries and all(e["name"] in ckpt["sources"]["names"] for e in entries)
     mem_psnr, ori_psnr = best_logged((setup["save"] / name / "train.log").read_text())
     assert summary["mean"]["mem_psnr"] == pytest.approx(mem_psnr, abs=0.05)
     assert summary["mean"]["ori_psnr"] == pytest.approx(ori_psnr, abs=1e-3)

@@ -154,13 +154,17 @@ def test_memory_study_runs_every_image_once_and_resumes(tiny_setup):
     proc = ok(run_py("benchmarks/memory_study.py", *args))
     report = json.loads((tmp / "study" / "study.json").read_text())
     names = [r["variant"] for r in report["rows"]]
-    assert names[:3] == ["bound: oracle recall, softmax", "bound: oracle recall, full gain",
-                         "bound: constant training mean, softmax"]
-    assert "published: crops, k=1, softmax" in names and len(names) == 5
+    assert names[:4] == ["bound: oracle recall, softmax", "bound: oracle recall, full gain",
+                         "bound: constant training mean, softmax", "bound: ridge predictor of the ratio, full gain"]
+    assert "published: crops, k=1, softmax" in names and len(names) == 6
     for row in report["rows"]:
         assert len(row["per_image_psnr_gain"]) == 8 and row["psnr_ci_low"] <= row["psnr_gain"] <= row["psnr_ci_high"]
+        assert row["random_psnr_ci_low"] <= row["random_psnr_gain"] <= row["random_psnr_ci_high"]
+    groups, folds = np.array(report["groups_of_names"]), np.array(report["folds_of_names"])
+    assert all(len(set(folds[groups == g])) == 1 for g in set(groups))
     calibrated = report["rows"][-1]
-    assert len(calibrated["calibrated_strengths"]) == 2
+    assert len(calibrated["fitted_per_fold"]) == 2 and "strength" in calibrated["fitted_per_fold"][0]
+    assert set(report["predictability"]) == {"grouped", "random"}
     assert report["rows"][1]["psnr_gain"] > 0  # recalling each target's own colour helps
     assert "95% bootstrap" in proc.stdout and (tmp / "study" / "study.csv").is_file()
     cached = sorted((tmp / "cache").rglob("*.pt"))

@@ -176,8 +176,9 @@ def pictures_run(tmp_path_factory):
 
 
 def test_pictures_end_to_end(pictures_run):
-    """ori/, mem/, one 4-panel strip per image, index.html with the metrics.csv rows and means;
-    stdout says where the page is."""
+    """ori/, mem/, one 4-panel strip per image, index.html with the metrics.csv rows and means
+    (the metric columns in its table, the memory's recalled entries beside each strip); stdout
+    says where the page is."""
     proc, result = pictures_run["proc"], pictures_run["result"]
     assert proc.returncode == 0, proc.stderr
     assert "index.html" in proc.stdout and "Traceback" not in proc.stderr
@@ -189,9 +190,12 @@ def test_pictures_end_to_end(pictures_run):
         fields, rows = reader.fieldnames, list(reader)
     summary = json.loads((result / "summary.json").read_text())
     page = (result / "index.html").read_text()
-    assert re.findall(r"<th>([^<]*)</th>", page) == fields
+    assert fields[-1] == "recalled"
+    assert re.findall(r"<th>([^<]*)</th>", page) == fields[:-1]
+    assert page.count('<div class="recalled">') == 2 and "unknown (" in page  # no sources stored
     for r in rows:
         assert f"<tr><td>{r['name']}</td>" in page
+        assert len(r["recalled"].split()) == 3 and r["recalled"].startswith("unknown:")
         assert f'<td class="num">{float(r["mem_psnr"]):.4f}</td>' in page
     assert f'<td class="num">{summary["mean"]["ori_psnr"]:.4f}</td>' in page
     assert html.escape(summary["convention"]) in page

@@ -3,15 +3,17 @@
 `RESULT_DIR/strips/<name>.jpg` puts low | ori | mem | ground truth next to each other (mem and
 ground truth only where they exist), each panel under a dark band with its name and, where there
 is ground truth, its PSNR in dB. `RESULT_DIR/index.html` is one self-contained page (inline CSS,
-no JavaScript, relative links) with the metrics table and every strip. Both are made from the
-images `test.py` saved in ori/ and mem/ and the pair's low/high files.
+no JavaScript, relative links) with the metrics table and every strip; beside a strip, the
+memory's best entries for that image (training-image name, score and, where the memory stores
+them, the thumbnails written to `RESULT_DIR/recalled/`). Both are made from the images `test.py`
+saved in ori/ and mem/ and the pair's low/high files.
 """
 from __future__ import annotations
 
 import html
 import math
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 from urllib.parse import quote
 
 import cv2
@@ -112,7 +114,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;c
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em}
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr.mean{font-weight:bold;background:#eee}
 figure{margin:1.5em 0}figcaption{font-weight:bold;margin:.3em 0}img{max-width:100%;height:auto}
-.note{color:#555;font-size:.9em}"""
+.note{color:#555;font-size:.9em}.recalled{display:flex;gap:.8em;font-size:.85em;color:#444}
+.recalled figure{margin:0}.recalled img{width:108px;image-rendering:pixelated}"""
 
 
 def _cell(value: Any) -> str:
@@ -131,18 +134,39 @@ def metrics_table(rows: list[dict[str, Any]], columns: list[str], means: dict[st
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
 
 
-def _figure(name: str) -> str:
+def _recalled(result_dir: Path, entries: list[dict[str, Any]],
+              thumbnail_of: Callable[[int], np.ndarray | None] | None) -> str:
+    """The memory's best entries for one image as HTML: thumbnail (written to recalled/ once per
+    training sample) or "no thumbnail", name and score."""
+    items = []
+    for e in entries:
+        thumb = thumbnail_of(e["index"]) if thumbnail_of is not None else None
+        label = f"{html.escape(str(e['name']))} ({e['score']:.3f})"
+        if thumb is None:
+            items.append(f"<figure>{label}<br>(no thumbnail)</figure>")
+            continue
+        rel = f"recalled/{e['index']}_{e['name']}.png"
+        if not (result_dir / rel).is_file():
+            (result_dir / "recalled").mkdir(exist_ok=True)
+            write_image(result_dir / rel, thumb)
+        items.append(f'<figure><img src="{html.escape(quote(rel))}" alt="{label}"><br>{label}</figure>')
+    return f'<div class="recalled"><span>recalled (training image, score):</span>{"".join(items)}</div>'
+
+
+def _figure(name: str, recalled: str = "") -> str:
     src = html.escape(f"strips/{quote(name)}.jpg")
     return (f'<figure><figcaption>{html.escape(name)}</figcaption>'
-            f'<img src="{src}" alt="{html.escape(name)}"></figure>')
+            f'<img src="{src}" alt="{html.escape(name)}">{recalled}</figure>')
 
 
 def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str],
-                summary: dict[str, Any]) -> Path:
+                summary: dict[str, Any], thumbnail_of: Callable[[int], np.ndarray | None] | None = None) -> Path:
     """Write `result_dir/index.html`: the metrics table (with the metric convention of
-    `summary`) and the strip of every row that has one in `result_dir/strips/`; return its path."""
+    `summary`) and the strip of every row that has one in `result_dir/strips/`, with the row's
+    `recalled` entries beside it (`thumbnail_of(sample index)` gives their thumbnails); return its path."""
     result_dir = Path(result_dir)
-    figures = [_figure(str(r["name"])) for r in rows if strip_path(result_dir, str(r["name"])).is_file()]
+    figures = [_figure(str(r["name"]), _recalled(result_dir, r["recalled"], thumbnail_of) if r.get("recalled") else "")
+               for r in rows if strip_path(result_dir, str(r["name"])).is_file()]
     info = [f"{k}: {summary[k]}" for k in ("input_dir", "weights", "mem_weights", "enhanced_dir", "device")
             if summary.get(k) is not None]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -163,7 +187,8 @@ def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str]
 
 
 def write_pictures(result_dir: Path, pairs: list[ImagePair], rows: list[dict[str, Any]],
-                   columns: list[str], summary: dict[str, Any], stages: Sequence[str] = ("ori", "mem")) -> Path:
+                   columns: list[str], summary: dict[str, Any], stages: Sequence[str] = ("ori", "mem"),
+                   thumbnail_of: Callable[[int], np.ndarray | None] | None = None) -> Path:
     """`write_strips` then `write_index`; returns the index.html path."""
     write_strips(result_dir, pairs, stages)
-    return write_index(result_dir, rows, columns, summary)
+    return write_index(result_dir, rows, columns, summary, thumbnail_of)

@@ -75,19 +75,24 @@ def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str
 def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str],
                  meta: dict[str, Any]) -> dict[str, Any]:
     """Write metrics.csv (a row per image), summary.json and result.txt (means with their 95%
-    bootstrap intervals, `ci95`); return the summary.
+    bootstrap intervals, `ci95`); return the summary. Rows with `recalled` (the memory's best
+    entries, `models.evaluate.evaluate_pairs`) add a `recalled` column of `name:score` items to
+    metrics.csv and a `recalled` map (image name -> entries) to summary.json.
 
     The three are written to temporary names first and renamed together, so earlier results are
     replaced whole, and a fault while writing (a full disk) replaces none of them.
     """
     means = mean_scores(rows, columns)
     ci95 = intervals(rows, columns)
+    recalled = {r["name"]: r["recalled"] for r in rows if "recalled" in r}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["name", *columns], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=["name", *columns, *(["recalled"] if recalled else [])],
+                            extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{**r, "recalled": " ".join(f"{e['name']}:{e['score']:.4f}" for e in r["recalled"])}
+                      if "recalled" in r else r for r in rows])
     summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, "ci95": ci95,
-               "ci95_method": CI_METHOD, **meta}
+               "ci95_method": CI_METHOD, **meta, **({"recalled": recalled} if recalled else {})}
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
                       f"images: {len(rows)}", f"intervals: {CI_METHOD}"] +
                      [f"mean {c}: {_fmt(v)}" + (f" (95% CI {ci95[c][0]:.4f} .. {ci95[c][1]:.4f})" if c in ci95 else "")
