@@ -13,7 +13,7 @@ from test_test_cli import assert_user_error
 
 from conftest import random_enhancer, run_repo
 from models.inference import enhance_with_features
-from models.loading import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload
+from models.loading import ENHANCER_FORMAT, enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
 from models.query import describe_features
 from models.refiner import build_refiner
@@ -65,7 +65,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def save_memory(path: Path, memory: ExternalMemory, enhancer, read: dict, query_encoder: str = "enhancer") -> Path:
     """Write `memory` as train_memory.py does, filled with `enhancer`'s queries, read as `read` says."""
     save_checkpoint(path, memory_payload(memory, 1, query_encoder, None,
-                                         {"enhancer_config": enhancer.config.to_dict(), "read": read}))
+                                         {"enhancer_config": enhancer.config.to_dict(), "read": read,
+                                          "enhancer_fingerprint": enhancer_fingerprint(enhancer)}))
     return path
 
 

@@ -395,7 +395,7 @@ def test_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_chec
 def memory_args(tmp_path: Path, weights: Path, train: Path, env_name: str, *extra) -> list[str]:
     return ["--pretrain_weights", str(weights), "--train_dir", str(train), "--val_percent", "0", "--nepoch", "3",
             "--mem_size", "16", "--batch_size", "2", "--train_ps", "24", "--learn_query", "--pos_thres", "0.2",
-            "--save_dir", str(tmp_path / "runs"), "--env", env_name, "--device", "cpu", *extra]
+            "--query_encoder", "enhancer_levels", "--save_dir", str(tmp_path / "runs"), "--env", env_name, "--device", "cpu", *extra]
 
 
 def test_memory_signal_mid_epoch_and_resume_match_a_straight_run(tmp_path, monkeypatch, weights):
