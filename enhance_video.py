@@ -35,6 +35,7 @@ from models.options import (
     writable_dir,
 )
 from models.refiner import MemoryRefiner, refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
@@ -186,4 +187,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

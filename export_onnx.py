@@ -41,6 +41,7 @@ from models.options import (
 )
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import MemoryRefiner, refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.atomic import atomic_write
 from utils.errors import UserError, run_cli
 
@@ -186,4 +187,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

@@ -28,6 +28,7 @@ from models.options import (
 )
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.perceptual import LPIPS_CONVENTION, build_lpips
@@ -120,4 +121,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

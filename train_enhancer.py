@@ -36,6 +36,7 @@ from models.fast import FastForward
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
 from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
+from utils.allocator import tune_allocator
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
@@ -418,4 +419,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

@@ -40,6 +40,7 @@ from models.options import (
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
 from models.refiner import read_settings
+from utils.allocator import tune_allocator
 from utils.checkpoint import remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
@@ -312,4 +313,5 @@ def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))
