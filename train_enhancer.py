@@ -2,7 +2,7 @@
 
 Outputs under SAVE_DIR/ENV/: models/{model_latest,model_best,model_epoch_N}.pth, options.yml,
 train.log, tensorboard/ and (with --img_vision) results/. Defaults are the published recipe
-(EMNET.md, "Training as published"). `model_best.pth` is chosen on a validation split held out of
+(docs/METHOD.md, "The enhancer's training step, as published"). `model_best.pth` is chosen on a validation split held out of
 the training pairs (or --val_dir), never on the test set. Resume with --resume.
 
 On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the

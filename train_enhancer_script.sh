@@ -1,5 +1,5 @@
 #!/bin/sh
-# Train the EMNet enhancer. Defaults: the published recipe on LOL-v1 our485 (EMNET.md).
+# Train the EMNet enhancer. Defaults: the published recipe on LOL-v1 our485 (docs/METHOD.md).
 # Edit the variables below (or set them in the environment) and run: sh train_enhancer_script.sh
 # Offline (no ImageNet AlexNet weights for LPIPS): LPIPS_LAMBDA=0 L1_LAMBDA=1 sh train_enhancer_script.sh
 # Several GPUs: LAUNCH="torchrun --nproc_per_node 2" sh train_enhancer_script.sh

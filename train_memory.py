@@ -1,7 +1,7 @@
 """Train EMNet's external memory (stage 2) on top of a frozen enhancer.
 
 Entries (--entries): `crops` (the release) writes one random crop of every training pair per
-epoch into the memory (EMNET.md update rule); `images` writes every training pair whole, with the
+epoch into the memory (the update rule of docs/METHOD.md); `images` writes every training pair whole, with the
 query computed exactly as at test time (`benchmarks/memory_study.py` compares the two). With
 --learn_query a small head on the query is trained meanwhile with the threshold triplet loss.
 --strength auto calibrates the correction strength on the training pairs (models/calibration.py).
