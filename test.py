@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
     p.add_argument("--result_dir", default=None,
-                   help="where results are written; default log_eval/<input name>/<weights name>[+<memory name>]")
+                   help="where results are written; default log_eval/<input name>/<weights label>[+<memory label>], "
+                        "a label being a bundled file's name, else the name and a fingerprint of the bytes")
     p.add_argument("--enhanced_dir", default=None,
                    help="outputs of any other method, named like the inputs: refined by the memory "
                         "instead of running our enhancer")

@@ -35,7 +35,14 @@ from models.evaluate import evaluate_pairs
 from models.fast import FastForward
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
-from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
+from models.options import (
+    add_device_arg,
+    add_enhancer_args,
+    add_split_arg,
+    parse_with_given,
+    resume_flags,
+    writable_dir,
+)
 from utils.allocator import tune_allocator
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
@@ -126,6 +133,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a run is: on --resume these come from the checkpoint unless given again (`resume_flags`).
+RESUMED_FLAGS = ("arch", "embed_dim", "train_dir", "val_dir", "val_percent", "train_ps", "batch_size", "nepoch",
+                 "max_iters", "optimizer", "lr_initial", "min_lr", "weight_decay", "warmup", "warmup_epochs",
+                 "grad_clip", "l1_lambda", "l2_lambda", "ssim_lambda", "lpips_lambda", "lpips_alexnet",
+                 "datarange", "seed")
+
+
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not split over {info.world_size} "
@@ -196,7 +210,9 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
     return means
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    the checkpoint (RESUMED_FLAGS)."""
     call_start = time.monotonic()  # --stop_after_minutes and --time_budget count from here
     if args.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
@@ -216,6 +232,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
     ckpt = load_checkpoint_file(latest_path) if args.resume else None
+    changed = resume_flags(args, given, ckpt.get("options", {}), RESUMED_FLAGS) if ckpt is not None else None
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
                               args.datarange, args.lpips_alexnet).to(device)
@@ -285,6 +302,8 @@ def main(args: argparse.Namespace) -> None:
              f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {iters_per_epoch} it/epoch, "
              f"{info.world_size} process(es) on {device}, crops drawn "
              f"{'on the device' if on_device else 'by a DataLoader'}")
+    if changed:
+        log.line(changed)
     if plan["budget_s"]:
         log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before): " +
                  (f"the schedule fixed at {plan['total_iters']} iterations continues" if plan["total_iters"]
@@ -420,4 +439,4 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     tune_allocator()  # before the first tensor, however the script is started
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(*parse_with_given(get_args_parser())))

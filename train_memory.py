@@ -36,6 +36,8 @@ from models.options import (
     add_memory_build_args,
     add_split_arg,
     check_border_margin,
+    parse_with_given,
+    resume_flags,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
@@ -87,6 +89,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_arg(g)
     g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
     return p
+
+
+# What a memory run is: on --resume these come from memory_latest.pth unless given again.
+RESUMED_FLAGS = ("pretrain_weights", "arch", "embed_dim", "border_margin", "train_dir", "val_dir", "val_percent",
+                 "train_ps", "batch_size", "mem_size", "pooling_size", "pooling_mean", "testing_top_k",
+                 "temperature", "strength", "query_encoder", "query_weights", "thres", "entries", "learn_query",
+                 "alpha", "pos_thres", "lr", "nepoch", "val_time", "seed")
 
 
 def read_config(args: argparse.Namespace) -> dict:
@@ -181,7 +190,9 @@ def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
     return ckpt["epoch"], ckpt["best"]
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    memory_latest.pth (RESUMED_FLAGS)."""
     device = resolve_device(args.device)
     env_dir = Path(args.save_dir) / args.env
     models_dir = writable_dir(env_dir / "models", "--save_dir")
@@ -189,6 +200,8 @@ def main(args: argparse.Namespace) -> None:
     remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
+    changed = (resume_flags(args, given, load_memory(latest_path)[1].get("options", {}), RESUMED_FLAGS)
+               if args.resume else None)
     check_border_margin(args.border_margin)
     query_name = args.query_encoder or "enhancer"
     read = read_config(args)
@@ -229,6 +242,8 @@ def main(args: argparse.Namespace) -> None:
     log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
              f"{config.key_dim} ({query_name} query{', learned head' if head else ''}, {args.entries} entries), "
              f"p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
+    if changed:
+        log.line(changed)
     val = None
     if val_pairs:
         passes = cached_passes(enhancer, val_pairs, device, cache, args.border_margin, "validation pairs")
@@ -314,4 +329,4 @@ def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list
 
 if __name__ == "__main__":
     tune_allocator()  # before the first tensor, however the script is started
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(*parse_with_given(get_args_parser())))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from models.enhancer import ARCH_PRESETS
 from models.inference import BORDER_MARGIN
@@ -13,6 +15,7 @@ from utils.errors import UserError
 DEFAULT_VAL_PERCENT = 10.0
 BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
 BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"  # test_script.sh's memory
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pre_trained_logs"  # the weights the repository ships
 
 
 def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
@@ -97,10 +100,25 @@ def add_split_arg(p: argparse.ArgumentParser) -> None:
                         "given (a fixed rule on file names: see dataset/pairing.py)")
 
 
+def run_label(path: str | Path) -> str:
+    """A result-folder name for a weights file: the stem of a bundled file (`pre_trained_logs/`,
+    named uniquely), else the stem and a fingerprint of the bytes (`model_best-1a2b3c4d`), so that
+    two trained runs' `model_best.pth` never share a folder. A folder (`--enhanced_dir`) or a
+    missing file: its stem."""
+    path = Path(path)
+    if not path.is_file() or path.resolve().is_relative_to(BUNDLED_DIR):
+        return path.stem
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.stem}-{digest.hexdigest()[:8]}"
+
+
 def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: str | Path | None) -> Path:
-    """log_eval/<input name>/<weights or --enhanced_dir name>[+<memory name>]: runs of other
-    weights or memories on the same input never replace each other's results."""
-    run = Path(source).stem + (f"+{Path(mem_weights).stem}" if mem_weights else "")
+    """log_eval/<input name>/<weights or --enhanced_dir label>[+<memory label>] (`run_label`):
+    runs of other weights or memories on the same input never replace each other's results."""
+    run = run_label(source) + (f"+{run_label(mem_weights)}" if mem_weights else "")
     given = Path(input_dir).resolve()
     return Path("log_eval") / (given.stem if given.is_file() else given.name) / run
 
@@ -115,3 +133,36 @@ def writable_dir(path: str | Path, flag: str) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
     return path
+
+
+_UNSET = object()
+
+
+def parse_with_given(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                     ) -> tuple[argparse.Namespace, set[str]]:
+    """Parse `argv` (default: the command line); also return the flags (dests) it set, whatever
+    their value, so that --resume can tell "not given" from "given with the default value"."""
+    args = parser.parse_args(argv)
+    probe = argparse.Namespace(**{dest: _UNSET for dest in vars(args)})  # argparse keeps set attributes
+    parser.parse_args(argv, namespace=probe)
+    return args, {dest for dest, value in vars(probe).items() if value is not _UNSET}
+
+
+def resume_flags(args: argparse.Namespace, given: set[str] | None, stored: dict[str, Any],
+                 names: tuple[str, ...]) -> str | None:
+    """On --resume, each flag of `names` not given on this command line takes the value the run
+    stored (`stored`: its options); returns one line naming the flags given with another value
+    (they apply), or None. `given` None (a caller that built `args` itself): nothing is taken."""
+    if given is None:
+        return None
+    changed = []
+    for name in names:
+        if name not in stored:
+            continue
+        if name not in given:
+            setattr(args, name, stored[name])
+        elif getattr(args, name) != stored[name]:
+            changed.append(f"--{name} {stored[name]} -> {getattr(args, name)}")
+    if not changed:
+        return None
+    return "resumed with flags given again with other values than the run's (these apply): " + ", ".join(changed)

@@ -612,6 +612,31 @@ def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
     assert (save / "cap" / "train.log").read_text().count("nothing to train") == 2
 
 
+
+def test_resume_takes_the_run_flags_not_given_again_from_the_checkpoint(tmp_path):
+    """--resume alone continues the run as it was started (--max_iters, --nepoch, --batch_size,
+    crops, split: not given again, from the checkpoint); a flag given again with another value
+    applies and is named in one log line."""
+    train = make_structured_pairs(tmp_path / "pairs", ["a", "b", "c"], size=(40, 40))
+    save = tmp_path / "runs"
+    ok(run_train(train, save, "run", "--val_percent", 0, "--train_ps", 32, "--batch_size", 1, "--nepoch", 50,
+                 "--log_every", 1, "--max_iters", 3))
+    log_path, latest = save / "run" / "train.log", save / "run" / "models" / "model_latest.pth"
+    before = latest.read_bytes()
+    ok(run_train(train, save, "run", "--resume"))  # without the run's flags: it stops at its --max_iters
+    assert latest.read_bytes() == before
+    assert "nothing to train: the run is at iteration 3 and stops at 3" in log_path.read_text()
+    assert "given again" not in log_path.read_text()
+
+    ok(run_train(train, save, "run", "--resume", "--max_iters", 5, "--lr_initial", 1e-4, "--log_every", 1))
+    changed = [line for line in log_path.read_text().splitlines() if "given again" in line]
+    assert len(changed) == 1 and "--max_iters 3 -> 5" in changed[0] and "--lr_initial 0.0002 -> 0.0001" in changed[0]
+    assert "iter 5/5 " in log_path.read_text()
+    options = yaml.safe_load((save / "run" / "options.yml").read_text())
+    assert (options["nepoch"], options["batch_size"], options["train_ps"], options["val_percent"]) == (50, 1, 32, 0)
+    assert (options["max_iters"], options["lr_initial"]) == (5, 1e-4)
+    assert load(latest)["iteration"] == 5
+
 # ----------------------------------------------------------------------------- 8. batches on the device, time budgets
 
 LR_LINE = re.compile(r"iter (\d+)/(\S+) loss \S+ .* lr (\S+) ")
