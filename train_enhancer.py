@@ -32,15 +32,17 @@ from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.evaluate import evaluate_pairs
-from models.fast import FastForward
+from models.fast import FastForward, budget
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
 from models.options import (
     add_device_arg,
     add_enhancer_args,
+    add_max_memory_arg,
     add_split_arg,
     parse_with_given,
     resume_flags,
+    set_memory_budget,
     writable_dir,
 )
 from utils.allocator import tune_allocator
@@ -112,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
     g.add_argument("--checkpoint", type=int, default=50, help="keep model_epoch_N.pth every N epochs")
+    add_max_memory_arg(g)
     g.add_argument("--img_vision", action="store_true", help="save validation outputs in results/")
     g.add_argument("--torch_vision", action="store_true", help="validation images in tensorboard")
     g.add_argument("--log_every", type=int, default=20, help="iterations between loss log lines")
@@ -221,6 +224,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     check_args(args, info)
+    set_memory_budget(args.max_memory)
     amp_dtype = autocast_dtype(args, device)
     on_device = args.data_on_device == "on" or (args.data_on_device == "auto" and device.type == "cuda")
     env_dir = Path(args.save_dir) / args.env
@@ -311,6 +315,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
 
+    budget.measure_baseline()  # before the first step: the heap the steps free is validation's to reuse
     net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
     ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
            if info.enabled else net)

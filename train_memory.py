@@ -33,11 +33,13 @@ from models.options import (
     add_device_arg,
     add_enhancer_args,
     add_memory_args,
+    add_max_memory_arg,
     add_memory_build_args,
     add_split_arg,
     check_border_margin,
     parse_with_given,
     resume_flags,
+    set_memory_budget,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
@@ -85,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--nepoch", type=int, default=40, help="passes over the training pairs")
     g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
+    add_max_memory_arg(g)
     g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
     add_device_arg(g)
     g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
@@ -203,6 +206,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     changed = (resume_flags(args, given, load_memory(latest_path)[1].get("options", {}), RESUMED_FLAGS)
                if args.resume else None)
     check_border_margin(args.border_margin)
+    set_memory_budget(args.max_memory)
     query_name = args.query_encoder or "enhancer"
     read = read_config(args)
     enhancer, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)

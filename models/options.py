@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from models.enhancer import ARCH_PRESETS
+from models.fast import budget
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils.errors import UserError
@@ -79,6 +80,22 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                         "training default enhancer, test default from the memory")
     p.add_argument("--query_weights", default=None,
                    help="torchvision resnet18 state_dict for --query_encoder resnet18; default: the torch hub cache, downloaded once")
+
+
+def add_max_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_memory", type=float, default=None,
+                   help="memory budget in GB for the enhancer's inference forwards (test images, validation; on "
+                        "the CPU the whole process's, on CUDA the forward's): larger photos run in exact row "
+                        "strips, on the CPU with their feature maps on disk (EMNET_SPILL_DIR, default the "
+                        "temporary folder or /var/tmp if that is tmpfs) when even those do not fit "
+                        "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
+
+
+def set_memory_budget(gb: float | None) -> None:
+    """Apply --max_memory (None: the default); a budget that is not positive is a UserError."""
+    if gb is not None and not gb > 0:
+        raise UserError(f"--max_memory {gb} must be a positive number of GB")
+    budget.set_max_memory(gb)
 
 
 def add_border_arg(p: argparse.ArgumentParser) -> None:

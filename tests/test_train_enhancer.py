@@ -595,6 +595,33 @@ def test_persistent_nan_raises_user_error(tmp_path, monkeypatch, one_thread):
     assert "--lr_initial" in str(err.value)
 
 
+def test_validation_of_a_600x400_image_runs_whole_under_the_default_budget(tmp_path, monkeypatch, one_thread):
+    """The heap the training steps free and keep (simulated: 5 GB more resident memory once a step
+    ran) is validation's to reuse: with the default budget (4 GB here on any machine) validation of
+    a 600x400 pair runs whole, not in strips spilled to disk under a 0.0 GB budget as it did."""
+    from models.fast import budget, policy
+
+    train = make_structured_pairs(tmp_path / "train", ["t1", "t2"], size=(40, 40))
+    val = make_structured_pairs(tmp_path / "val", ["v1"], size=(400, 600))
+    made = _patch_loss(monkeypatch, bad_calls=set())
+    real_rss, real_plan, plans = budget._resident_bytes, policy.plan_strips, []
+    monkeypatch.setattr(budget, "_resident_bytes", lambda: real_rss() + (5 << 30 if made and made[0].calls else 0))
+    monkeypatch.setattr(budget, "_available_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(budget, "_baseline_bytes", None)
+    monkeypatch.delenv("EMNET_MAX_MEMORY_GB", raising=False)
+
+    def recorded_plan(model, x):
+        plans.append((tuple(x.shape[-2:]), real_plan(model, x)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(policy, "plan_strips", recorded_plan)
+    argv = ["--train_dir", str(train), "--val_dir", str(val), "--save_dir", str(tmp_path / "runs"), "--env", "val",
+            *FAST, "--train_ps", "32", "--batch_size", "2", "--nepoch", "1"]
+    train_enhancer.main(train_enhancer.get_args_parser().parse_args(argv))
+    assert made[0].calls == 1
+    assert [shape for shape, _ in plans] == [(416, 616)]  # the validation image, margin and pad included
+    assert plans[0][1] is None, f"validation ran in strips: {plans}"
+
 def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
     """--resume with --max_iters at or below the checkpoint's iteration: no step, checkpoints
     untouched, a log line saying so; the progress lines count to the cap, not the schedule's end."""
