@@ -29,6 +29,7 @@ from tqdm import tqdm
 from models.inference import enhance_with_features
 from models.loading import load_enhancer, load_memory
 from models.options import (
+    HelpFormatter,
     add_device_arg,
     add_trained_model_args,
     check_border_margin,
@@ -125,7 +126,7 @@ def output_codec(path: Path) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Enhance a low-light video with EMNet (enhancer, then the "
                                             "external memory with a temporally smoothed colour)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="input video (any format OpenCV's FFmpeg reads)")
     p.add_argument("--output", required=True,
                    help="output video: the input's frame rate, frame count and size (an odd width or height "

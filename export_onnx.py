@@ -35,6 +35,7 @@ from models.inference import MULTIPLE
 from models.loading import load_enhancer, load_memory
 from models.memory import ExternalMemory
 from models.options import (
+    HelpFormatter,
     add_trained_model_args,
     check_border_margin,
     writable_dir,
@@ -151,7 +152,7 @@ def to_onnx(model: ExportedEMNet, opset: int) -> bytes:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export the EMNet enhancer (and its memory) to ONNX with "
                                             "dynamic image height and width",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--output", required=True, help="the .onnx file to write (replaced atomically)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=min(OPSETS),
                    help="ONNX opset version (17 is the first with LayerNormalization)")

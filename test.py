@@ -19,6 +19,7 @@ from dataset.pairing import find_pairs
 from models.evaluate import evaluate_pairs, match_enhanced
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
+    HelpFormatter,
     add_device_arg,
     add_max_memory_arg,
     add_trained_model_args,
@@ -39,7 +40,7 @@ from utils.report import METRICS, format_table, write_report
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
     p.add_argument("--result_dir", default=None,

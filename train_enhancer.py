@@ -36,6 +36,7 @@ from models.fast import FastForward, budget
 from models.inference import enhance
 from models.loading import ENHANCER_FORMAT, check_state_dict, describe_config, load_enhancer
 from models.options import (
+    HelpFormatter,
     add_device_arg,
     add_enhancer_args,
     add_max_memory_arg,
@@ -68,7 +69,7 @@ from utils.training import (
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the EMNet enhancer (defaults: published recipe)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="enhancer_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")

@@ -29,11 +29,12 @@ from models.loading import load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.options import (
     BUNDLED_ENHANCER,
+    HelpFormatter,
     add_border_arg,
     add_device_arg,
     add_enhancer_args,
-    add_memory_args,
     add_max_memory_arg,
+    add_memory_args,
     add_memory_build_args,
     add_split_arg,
     check_border_margin,
@@ -55,8 +56,13 @@ from utils.seed import seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer. The defaults are "
+                                "the release's setting (crop entries, 9000 slots, 40 epochs), with the enhancer query "
+                                "instead of its ImageNet ResNet-18. "
+                                "Recommended, chosen by the K-fold study (README, 'Does the memory help?') and set "
+                                "by train_memory_script.sh: --entries images --query_encoder enhancer_levels "
+                                "--mem_size 1024 --nepoch 1 --testing_top_k 1.",
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
@@ -73,12 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_workers", type=int, default=0, help="DataLoader worker processes for crop entries")
     g = p.add_argument_group("memory")
     add_memory_build_args(g)
-    add_memory_args(g)
+    add_memory_args(g, training=True)
     g.add_argument("--K_feat_dim", type=int, default=None, help="key width (default: the query's)")
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
     g.add_argument("--entries", choices=["crops", "images"], default="crops",
                    help="what a slot holds: a --train_ps crop (the release) or a whole training image, "
-                        "queried as at test time")
+                        "queried as at test time (recommended: images)")
     g.add_argument("--learn_query", action="store_true", help="train a query head (triplet loss)")
     g.add_argument("--alpha", type=float, default=0.1, help="triplet margin of the query head")
     g.add_argument("--pos_thres", type=float, default=0.02,

@@ -19,6 +19,18 @@ BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pre_trained_logs"  # the weights the repository ships
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not where the help says its default itself, not for required
+    flags, switches or a None default (the help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.default is None
+                or action.default is argparse.SUPPRESS or action.nargs == 0):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
     """--arch and --embed_dim. With `defaults_from_checkpoint` both default to None: the value
     stored in our checkpoints (or the published network for published files) is used."""
@@ -58,28 +70,38 @@ def add_memory_build_args(p: argparse.ArgumentParser) -> None:
                    help="value width 3 * p * p (default: from --pooling_size)")
 
 
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """How a memory is queried and read, with the original release's names; test.py defaults to
-    what the memory file stores."""
-    p.add_argument("--pooling_size", type=int, default=None,
-                   help="p: values are p x p colour means (training default 1; test: from the memory)")
+def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """How a memory is queried and read, with the original release's names. test.py defaults to
+    what the memory file stores; in training (`training`) they say what the new memory stores."""
+    if training:
+        p.add_argument("--pooling_size", type=int, default=None,
+                       help="p: a slot's value is the p x p average-pooled colour of its target "
+                            "(default: 1, the release)")
+    else:
+        p.add_argument("--pooling_size", type=int, default=None,
+                       help="p of the memory's values (default: as stored in the memory)")
     p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
     p.add_argument("--testing_top_k", type=int, default=None,
-                   help="slots read per query (default: as stored in the memory; the release: 1)")
+                   help="slots read per query: at validation, and stored in the memory as test.py's "
+                        "default (default: 1, the release)" if training else
+                        "slots read per query (default: as stored in the memory; the release: 1)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="top-k reads weigh slots by softmax(score / temperature) (default: as stored "
-                        "in the memory; the release: 1)")
+                   help="top-k reads weigh slots by softmax(score / temperature) " +
+                        ("(default: 1, the release; stored for test.py)" if training else
+                         "(default: as stored in the memory; the release: 1)"))
     p.add_argument("--strength", default=None,
                    help="correction: 'release' (softmax of the paper, about half-way to the recalled "
-                        "colour), a gain strength s (gain = 1 + s (m / mu - 1)) or, in "
-                        "train_memory.py, 'auto' (s calibrated on the training pairs); test.py "
-                        "default: as stored in the memory")
+                        "colour), a gain strength s (gain = 1 + s (m / mu - 1))" +
+                        (" or 'auto' (s calibrated on the training pairs); stored for test.py "
+                         "(default: release)" if training else " (default: as stored in the memory)"))
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
                    help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
-                        "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, the torch hub cache or a download); "
-                        "training default enhancer, test default from the memory")
+                        "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, "
+                        "the torch hub cache or a download) " +
+                        ("(default: enhancer)" if training else "(default: as stored in the memory)"))
     p.add_argument("--query_weights", default=None,
-                   help="torchvision resnet18 state_dict for --query_encoder resnet18; default: the torch hub cache, downloaded once")
+                   help="torchvision resnet18 state_dict for --query_encoder resnet18 (default: the torch "
+                        "hub cache, downloaded once)")
 
 
 def add_max_memory_arg(p: argparse.ArgumentParser) -> None:
