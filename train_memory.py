@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, training_split
 from models.calibration import calibrate_strength
-from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
+from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.options import (
@@ -77,6 +78,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_ps", type=int, default=128, help="training crop size")
     g.add_argument("--batch_size", type=int, default=128, help="samples per memory update")
     g.add_argument("--train_workers", type=int, default=0, help="DataLoader worker processes for crop entries")
+    g.add_argument("--cache_dir", default=None,
+                   help="where the frozen enhancer's passes over the pairs are cached, one subfolder per enhancer "
+                        "file and margin, reused by every later run on that enhancer; the run ends by printing "
+                        "its size (default: SAVE_DIR/cache/frozen)")
+    g.add_argument("--clear_cache", action="store_true",
+                   help="delete this run's cached passes when it ends (the next run recomputes them)")
     g = p.add_argument_group("memory")
     add_memory_build_args(g)
     add_memory_args(g, training=True)
@@ -222,7 +229,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     seed_everything(args.seed)
     log = RunLog(env_dir, True)
-    cache = writable_dir(Path(args.save_dir) / "cache" / "frozen", "--save_dir") / cache_key(
+    cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
         args.pretrain_weights, args.border_margin)
     train_passes = None
     if args.entries == "images" or read["strength"] == "auto":
@@ -309,7 +316,19 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     elif val is not None:
         log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
                  f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
+    report_cache(cache, args.clear_cache, log)
     log.close()
+
+
+def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
+    """Say how much the cached enhancer passes take on disk, and delete them with --clear_cache."""
+    files, size = cache_size(cache)
+    if clear:
+        shutil.rmtree(cache, ignore_errors=True)
+        log.line(f"--clear_cache: removed {files} cached enhancer passes ({size / 2**30:.2f} GB) from {cache}")
+    elif files:
+        log.line(f"cached enhancer passes: {files} files, {size / 2**30:.2f} GB in {cache} (kept for the next "
+                 "run on this enhancer; --clear_cache or deleting the folder removes them)")
 
 
 def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
