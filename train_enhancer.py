@@ -2,8 +2,9 @@
 
 Outputs under SAVE_DIR/ENV/: models/{model_latest,model_best,model_epoch_N}.pth, options.yml,
 train.log, tensorboard/ and (with --img_vision) results/. Defaults are the published recipe
-(docs/METHOD.md, "The enhancer's training step, as published"). `model_best.pth` is chosen on a validation split held out of
-the training pairs (or --val_dir), never on the test set. Resume with --resume.
+(docs/METHOD.md, "The enhancer's training step, as published"). `model_best.pth` is chosen on a
+validation split held out of the training pairs (or --val_dir), never on the test set. Resume
+with --resume: the run's flags not given again come from its checkpoint (RESUMED_FLAGS).
 
 On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the
 loss back only at log steps. --time_budget MINUTES replaces the epoch count: the run times its
