@@ -31,12 +31,14 @@ from tqdm import tqdm
 from models.inference import enhance_with_features
 from models.loading import load_enhancer, load_memory
 from models.options import (
+    HelpFormatter,
     add_device_arg,
     add_trained_model_args,
     check_border_margin,
     writable_dir,
 )
 from models.refiner import MemoryRefiner, refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli, write_error
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
@@ -151,7 +153,7 @@ def check_complete(tmp: Path, dst: Path, count: int) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Enhance a low-light video with EMNet (enhancer, then the "
                                             "external memory with a temporally smoothed colour)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="input video (any format OpenCV's FFmpeg reads)")
     p.add_argument("--output", required=True,
                    help="output video: the input's frame rate, frame count and size (an odd width or height "
@@ -214,4 +216,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

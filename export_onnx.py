@@ -35,12 +35,14 @@ from models.inference import MULTIPLE
 from models.loading import load_enhancer, load_memory
 from models.memory import ExternalMemory
 from models.options import (
+    HelpFormatter,
     add_trained_model_args,
     check_border_margin,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import MemoryRefiner, refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.atomic import atomic_write
 from utils.errors import UserError, run_cli
 
@@ -150,7 +152,7 @@ def to_onnx(model: ExportedEMNet, opset: int) -> bytes:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export the EMNet enhancer (and its memory) to ONNX with "
                                             "dynamic image height and width",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--output", required=True, help="the .onnx file to write (replaced atomically)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=min(OPSETS),
                    help="ONNX opset version (17 is the first with LayerNormalization)")
@@ -186,4 +188,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

@@ -19,19 +19,22 @@ import torch
 
 from dataset.pairing import find_pairs
 from models.evaluate import evaluate_pairs, match_enhanced
-from models.fast import budget
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
+    HelpFormatter,
     add_device_arg,
+    add_max_memory_arg,
     add_memory_build_args,
     add_trained_model_args,
     check_border_margin,
     check_memory_flags,
     default_result_dir,
+    set_memory_budget,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import refiner_from_flags
+from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.folder_lock import FolderLock
@@ -42,11 +45,12 @@ from utils.report import METRICS, format_table, write_report
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="EMNet evaluation: enhancer (ori) and memory (mem) outputs and metrics",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--input_dir", required=True,
                    help="folder with low/ (and high/ for metrics), a flat folder of images, or one image file")
     p.add_argument("--result_dir", default=None,
-                   help="where results are written; default log_eval/<input name>/<weights name>[+<memory name>]")
+                   help="where results are written; default log_eval/<input name>/<weights label>[+<memory label>], "
+                        "a label being a bundled file's name, else the name and a fingerprint of the bytes")
     p.add_argument("--enhanced_dir", default=None,
                    help="outputs of any other method, named like the inputs: refined by the memory "
                         "instead of running our enhancer")
@@ -54,11 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pictures", action="store_true",
                    help="also write strips/<name>.jpg (low | ori | mem | ground truth) and index.html "
                         "(implies --save_images)")
-    p.add_argument("--max_memory", type=float, default=None,
-                   help="memory budget in GB (on the CPU the whole process's, on CUDA the forward's): "
-                        "larger photos run in exact row strips, on the CPU with their feature maps on disk "
-                        "(EMNET_SPILL_DIR, default the temporary folder or /var/tmp if that is tmpfs) when even those do not fit "
-                        "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
+    add_max_memory_arg(p)
     p.add_argument("--lpips", action="store_true",
                    help="also score LPIPS v0.1 (AlexNet; lower is better): ori_lpips / mem_lpips columns")
     p.add_argument("--lpips_alexnet", default=None,
@@ -76,9 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     args.save_images = args.save_images or args.pictures
     check_border_margin(args.border_margin)
-    if args.max_memory is not None and args.max_memory <= 0:
-        raise UserError(f"--max_memory {args.max_memory} must be a positive number of GB")
-    budget.set_max_memory(args.max_memory)
+    set_memory_budget(args.max_memory)
     device = resolve_device(args.device)
     pairs = find_pairs(args.input_dir, require_high=False)
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
@@ -132,4 +130,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

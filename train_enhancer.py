@@ -5,7 +5,8 @@ train.log, tensorboard/ and (with --img_vision) results/. Defaults are the origi
 training step (LPIPS on the [0, 1] images, no gradient clipping, the lr stepped per epoch); our
 deviations are flags (--lpips_input_range -11, --grad_clip, --lr_schedule iteration; README,
 "Training the enhancer"). `model_best.pth` is chosen on a validation split held out of the
-training pairs (or --val_dir), never on a test set. Resume with --resume.
+training pairs (or --val_dir), never on a test set. Resume with
+--resume: the run's flags not given again come from its checkpoint (RESUMED_FLAGS).
 
 On a GPU the training crops are drawn on the device (--data_on_device) and the loop reads the
 loss back only at log steps. --time_budget MINUTES replaces the epoch count: the run times its
@@ -34,10 +35,21 @@ from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import is_test_set, training_split
 from models.enhancer import EMNetEnhancer, EnhancerConfig, make_config
 from models.evaluate import evaluate_pairs
-from models.fast import FastForward
+from models.fast import FastForward, budget
 from models.inference import enhance
 from models.loading import check_state_dict, describe_config, enhancer_payload, load_enhancer
-from models.options import add_device_arg, add_enhancer_args, add_split_arg, writable_dir
+from models.options import (
+    HelpFormatter,
+    add_device_arg,
+    add_enhancer_args,
+    add_max_memory_arg,
+    add_split_arg,
+    parse_with_given,
+    resume_flags,
+    set_memory_budget,
+    writable_dir,
+)
+from utils.allocator import tune_allocator
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
 from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
@@ -61,7 +73,7 @@ from utils.training import (
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the EMNet enhancer (defaults: published recipe)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="enhancer_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
@@ -119,6 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
     g.add_argument("--checkpoint", type=int, default=50, help="keep model_epoch_N.pth every N epochs")
+    add_max_memory_arg(g)
     g.add_argument("--img_vision", action="store_true", help="save validation outputs in results/")
     g.add_argument("--torch_vision", action="store_true", help="validation images in tensorboard")
     g.add_argument("--log_every", type=int, default=20, help="iterations between loss log lines")
@@ -138,6 +151,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode with --compile; reduce-overhead replays CUDA graphs (static "
                         "shapes, which --data_on_device gives)")
     return p
+
+
+# What a run is: on --resume these come from the checkpoint unless given again (`resume_flags`).
+RESUMED_FLAGS = ("arch", "embed_dim", "train_dir", "val_dir", "val_percent", "train_ps", "batch_size", "nepoch",
+                 "max_iters", "optimizer", "lr_initial", "min_lr", "weight_decay", "warmup", "warmup_epochs",
+                 "grad_clip", "l1_lambda", "l2_lambda", "ssim_lambda", "lpips_lambda", "lpips_alexnet",
+                 "lpips_input_range", "lr_schedule", "datarange", "seed")
 
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
@@ -207,7 +227,9 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
     return means
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    the checkpoint (RESUMED_FLAGS)."""
     call_start = time.monotonic()  # --stop_after_minutes and --time_budget count from here
     if args.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
@@ -216,6 +238,7 @@ def main(args: argparse.Namespace) -> None:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     check_args(args, info)
+    set_memory_budget(args.max_memory)
     amp_dtype = autocast_dtype(args, device)
     on_device = args.data_on_device == "on" or (args.data_on_device == "auto" and device.type == "cuda")
     env_dir = Path(args.save_dir) / args.env
@@ -227,6 +250,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
     ckpt = load_checkpoint_file(latest_path) if args.resume else None
+    changed = resume_flags(args, given, ckpt.get("options", {}), RESUMED_FLAGS) if ckpt is not None else None
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
     loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
                               args.lpips_alexnet, args.lpips_input_range == "-11").to(device)
@@ -298,6 +322,8 @@ def main(args: argparse.Namespace) -> None:
              f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {iters_per_epoch} it/epoch, "
              f"{info.world_size} process(es) on {device}, crops drawn "
              f"{'on the device' if on_device else 'by a DataLoader'}")
+    if changed:
+        log.line(changed)
     if plan["budget_s"]:
         log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before), "
                  "learning rate stepped per iteration: " +
@@ -311,6 +337,7 @@ def main(args: argparse.Namespace) -> None:
                  "selects a checkpoint (no model_best.pth); drop --val_dir to select on pairs held out of "
                  "--train_dir")
 
+    budget.measure_baseline()  # before the first step: the heap the steps free is validation's to reuse
     net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
     ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
            if info.enabled else net)
@@ -450,4 +477,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    tune_allocator()  # before the first tensor, however the script is started
+    run_cli(lambda: main(*parse_with_given(get_args_parser())))

@@ -2,21 +2,23 @@
 
 Defaults are the original release's memory: crop entries and the ImageNet ResNet-18 query
 (train_memory_script.sh sets ours). Entries (--entries): `crops` (the release) writes one random
-crop of every training pair per epoch into the memory (EMNET.md update rule); `images` writes every
-training pair whole, with the query computed exactly as at test time (`benchmarks/memory_study.py`
-compares the two). With --learn_query a small head on the query is trained meanwhile with the
-threshold triplet loss. --strength auto calibrates the correction strength on the training pairs
-(models/calibration.py). Validation compares ori (enhancer) and mem (after the memory) on pairs
-held out of the training set (or --val_dir; a test set there is only reported, it selects
-nothing). Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth, options.yml, train.log,
-tensorboard/. The file keeps the enhancer's fingerprint (test.py refuses another
-enhancer) and the name and a thumbnail of every training image (test.py shows which ones an image
-recalled).
+crop of every training pair per epoch into the memory (the update rule of docs/METHOD.md);
+`images` writes every training pair whole, with the query computed exactly as at test time
+(`benchmarks/memory_study.py` compares the two). With --learn_query a small head on the query is
+trained meanwhile with the threshold triplet loss. --strength auto calibrates the correction
+strength on the training pairs (models/calibration.py). Validation compares ori (enhancer) and
+mem (after the memory) on pairs held out of the training set (or --val_dir; a test set there is
+only reported, it selects nothing). Resume with --resume: the run's flags not given again come
+from its checkpoint. Outputs under SAVE_DIR/ENV/: models/memory_{latest,best}.pth, options.yml,
+train.log, tensorboard/. The file keeps the enhancer's fingerprint (test.py refuses another
+enhancer) and the name and a thumbnail of every training image (test.py shows which ones an
+image recalled).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -28,24 +30,30 @@ from tqdm import tqdm
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
-from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes
+from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.options import (
     BUNDLED_ENHANCER,
+    HelpFormatter,
     add_border_arg,
     add_device_arg,
     add_enhancer_args,
+    add_max_memory_arg,
     add_memory_args,
     add_memory_build_args,
     add_split_arg,
     check_border_margin,
     check_memory_flags,
+    parse_with_given,
+    resume_flags,
+    set_memory_budget,
     writable_dir,
 )
 from models.provenance import sources_payload
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
 from models.refiner import read_settings
+from utils.allocator import tune_allocator
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
@@ -58,8 +66,13 @@ from utils.signals import StopSignals, ignore_stop_signals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train EMNet's external memory on a frozen enhancer. The defaults are "
+                                "the release's setting (crop entries, 9000 slots, 40 epochs), with the enhancer query "
+                                "instead of its ImageNet ResNet-18. "
+                                "Recommended, chosen by the K-fold study (README, 'Does the memory help?') and set "
+                                "by train_memory_script.sh: --entries images --query_encoder enhancer_levels "
+                                "--mem_size 1024 --nepoch 1 --testing_top_k 1.",
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
@@ -77,9 +90,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--datarange", choices=["01", "-11"], default="01",
                    help="the original's flag, which it parsed and never used; accepted with its values and "
                         "ignored here: images are always in [0, 1]")
+    g.add_argument("--cache_dir", default=None,
+                   help="where the frozen enhancer's passes over the pairs are cached, one subfolder per enhancer "
+                        "file and margin, reused by every later run on that enhancer; the run ends by printing "
+                        "its size (default: SAVE_DIR/cache/frozen)")
+    g.add_argument("--clear_cache", action="store_true",
+                   help="delete this run's cached passes when it ends (the next run recomputes them)")
     g = p.add_argument_group("memory")
     add_memory_build_args(g)
-    add_memory_args(g)
+    add_memory_args(g, training=True)
     p.set_defaults(query_encoder="resnet18")  # the original's query; test.py takes the memory's
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
     g.add_argument("--top_k", type=int, default=None,
@@ -90,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(a match is decided on the value, --thres)")
     g.add_argument("--entries", choices=["crops", "images"], default="crops",
                    help="what a slot holds: a --train_ps crop (the release) or a whole training image, "
-                        "queried as at test time")
+                        "queried as at test time (recommended: images)")
     g.add_argument("--learn_query", action="store_true", help="train a query head (triplet loss)")
     g.add_argument("--alpha", type=float, default=0.1, help="triplet margin of the query head")
     g.add_argument("--pos_thres", type=float, default=0.02,
@@ -99,10 +118,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--nepoch", type=int, default=40, help="passes over the training pairs")
     g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
+    add_max_memory_arg(g)
     g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
     add_device_arg(g)
     g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
     return p
+
+
+# What a memory run is: on --resume these come from memory_latest.pth unless given again.
+RESUMED_FLAGS = ("weights", "arch", "embed_dim", "border_margin", "train_dir", "val_dir", "val_percent",
+                 "train_ps", "batch_size", "mem_size", "K_feat_dim", "V_feat_dim", "pooling_size", "pooling_mean", "testing_top_k",
+                 "temperature", "strength", "query_encoder", "query_weights", "thres", "entries", "learn_query",
+                 "alpha", "pos_thres", "lr", "nepoch", "val_time", "seed")
 
 
 def read_config(args: argparse.Namespace) -> dict:
@@ -199,7 +226,9 @@ def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
     return ckpt["epoch"], ckpt["best"]
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    memory_latest.pth (RESUMED_FLAGS)."""
     device = resolve_device(args.device)
     env_dir = Path(args.save_dir) / args.env
     models_dir = writable_dir(env_dir / "models", "--save_dir")
@@ -207,7 +236,10 @@ def main(args: argparse.Namespace) -> None:
     remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
         raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
+    changed = (resume_flags(args, given, load_memory(latest_path)[1].get("options", {}), RESUMED_FLAGS)
+               if args.resume else None)
     check_border_margin(args.border_margin)
+    set_memory_budget(args.max_memory)
     query_name = args.query_encoder
     read = read_config(args)
     enhancer, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
@@ -217,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     seed_everything(args.seed)
     log = RunLog(env_dir, True)
-    cache = writable_dir(Path(args.save_dir) / "cache" / "frozen", "--save_dir") / cache_key(
+    cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
         args.weights, args.border_margin)
     train_passes = None
     if args.entries == "images" or read["strength"] == "auto":
@@ -249,6 +281,8 @@ def main(args: argparse.Namespace) -> None:
     log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
              f"{config.key_dim} ({query_name} query{', learned head' if head else ''}, {args.entries} entries), "
              f"p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
+    if changed:
+        log.line(changed)
     val = None
     if val_pairs:
         passes = cached_passes(enhancer, val_pairs, device, cache, args.border_margin, "validation pairs")
@@ -334,7 +368,19 @@ def main(args: argparse.Namespace) -> None:
     elif val is not None and selects:
         log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
                  f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
+    report_cache(cache, args.clear_cache, log)
     log.close()
+
+
+def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
+    """Say how much the cached enhancer passes take on disk, and delete them with --clear_cache."""
+    files, size = cache_size(cache)
+    if clear:
+        shutil.rmtree(cache, ignore_errors=True)
+        log.line(f"--clear_cache: removed {files} cached enhancer passes ({size / 2**30:.2f} GB) from {cache}")
+    elif files:
+        log.line(f"cached enhancer passes: {files} files, {size / 2**30:.2f} GB in {cache} (kept for the next "
+                 "run on this enhancer; --clear_cache or deleting the folder removes them)")
 
 
 def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
@@ -363,4 +409,5 @@ def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    tune_allocator()  # before the first tensor, however the script is started
+    run_cli(lambda: main(*parse_with_given(get_args_parser())))

@@ -36,6 +36,7 @@ from dataset.pairing import ImagePair, find_pairs  # noqa: E402
 from models import baselines  # noqa: E402
 from models.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
 from models.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -220,4 +221,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

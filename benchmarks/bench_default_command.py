@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from dataset.pairing import find_pairs  # noqa: E402
 from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.image_io import read_image, to_uint8  # noqa: E402
 
 # argv: weights, input folder, output folder, "original" or "plain".
@@ -122,4 +123,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     main()

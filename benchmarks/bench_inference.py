@@ -31,6 +31,7 @@ from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
 from models.query import EnhancerQuery  # noqa: E402
 from models.refiner import MemoryRefiner  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"
@@ -202,4 +203,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     main()

@@ -28,6 +28,7 @@ from models import fast  # noqa: E402
 from models.inference import pad_for_network  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
 from models.options import BUNDLED_ENHANCER  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
@@ -81,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     main()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.device_crops import DeviceCrops  # noqa: E402
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 from utils.losses import EnhancementLoss  # noqa: E402
 
@@ -142,4 +143,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     main()

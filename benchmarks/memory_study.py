@@ -57,6 +57,7 @@ from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory  # noqa: E402
 from models.options import BUNDLED_ENHANCER  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
@@ -546,4 +547,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # before the first tensor, however the script is started
     run_cli(lambda: main(get_args_parser().parse_args()))

@@ -1,4 +1,4 @@
-"""The EMNet enhancer: a Restormer-style transformer U-Net (EMNET.md, "Enhancer").
+"""The EMNet enhancer: a Restormer-style transformer U-Net (docs/METHOD.md, "The enhancer").
 
 This file is the network as the paper and the original code compute it, in (B, C, H, W) and
 plain PyTorch ops, so it reads like the method. Module and parameter names follow the published

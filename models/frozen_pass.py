@@ -72,6 +72,12 @@ def cache_key(weights: str | Path, margin: int) -> str:
     return f"{digest}_m{margin}_v{CACHE_VERSION}"
 
 
+def cache_size(cache_dir: Path) -> tuple[int, int]:
+    """(files, bytes) of the cached passes in `cache_dir` (0, 0 when it does not exist)."""
+    files = list(cache_dir.glob("*.pt")) if cache_dir.is_dir() else []
+    return len(files), sum(f.stat().st_size for f in files)
+
+
 def cached_passes(enhancer: torch.nn.Module, pairs: list[ImagePair], device: torch.device,
                   cache_dir: Path, margin: int = BORDER_MARGIN, desc: str = "enhancer pass"
                   ) -> list[FrozenPass]:

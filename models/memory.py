@@ -1,4 +1,4 @@
-"""EMNet's external memory (EMNET.md, "Memory"): key/value banks written from the training set
+"""EMNet's external memory (docs/METHOD.md, "The memory"): key/value banks written from the training set
 and read at test time to correct an enhancer's colours.
 
 A slot holds a key (a unit-norm query descriptor of a low-light training sample: a crop, as in the
@@ -38,7 +38,7 @@ def pooled_value(img: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class ExternalMemory(nn.Module):
-    """Key/value memory with the update rule and top-k read of EMNET.md."""
+    """Key/value memory with the update rule and top-k read of docs/METHOD.md."""
 
     def __init__(self, config: MemoryConfig, generator: torch.Generator | None = None):
         super().__init__()

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from models.enhancer import ARCH_PRESETS
+from models.fast import budget
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils.errors import UserError, is_write_fault, register_output, write_error
@@ -13,6 +16,19 @@ from utils.errors import UserError, is_write_fault, register_output, write_error
 DEFAULT_VAL_PERCENT = 10.0
 BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
 BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"  # test_script.sh's memory
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pre_trained_logs"  # the weights the repository ships
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not where the help says its default itself, not for required
+    flags, switches or a None default (the help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.default is None
+                or action.default is argparse.SUPPRESS or action.nargs == 0):
+            return text
+        return super()._get_help_string(action)
 
 
 def add_enhancer_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
@@ -76,28 +92,54 @@ def check_memory_flags(args: argparse.Namespace, mem_size: int, key_dim: int, po
                             f"pass {flag} {actual} or drop it")
 
 
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """How a memory is queried and read, with the original release's names; test.py defaults to
-    what the memory file stores."""
-    p.add_argument("--pooling_size", type=int, default=None,
-                   help="p: values are p x p colour means (training default 1; test: from the memory)")
+def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """How a memory is queried and read, with the original release's names. test.py defaults to
+    what the memory file stores; in training (`training`) they say what the new memory stores."""
+    if training:
+        p.add_argument("--pooling_size", type=int, default=None,
+                       help="p: a slot's value is the p x p average-pooled colour of its target "
+                            "(default: 1, the release)")
+    else:
+        p.add_argument("--pooling_size", type=int, default=None,
+                       help="p of the memory's values (default: as stored in the memory)")
     p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
     p.add_argument("--testing_top_k", type=int, default=None,
-                   help="slots read per query (default: as stored in the memory; the release: 1)")
+                   help="slots read per query: at validation, and stored in the memory as test.py's "
+                        "default (default: 1, the release)" if training else
+                        "slots read per query (default: as stored in the memory; the release: 1)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="top-k reads weigh slots by softmax(score / temperature) (default: as stored "
-                        "in the memory; the release: 1)")
+                   help="top-k reads weigh slots by softmax(score / temperature) " +
+                        ("(default: 1, the release; stored for test.py)" if training else
+                         "(default: as stored in the memory; the release: 1)"))
     p.add_argument("--strength", default=None,
                    help="correction: 'release' (softmax of the paper, about half-way to the recalled "
-                        "colour), a gain strength s (gain = 1 + s (m / mu - 1)) or, in "
-                        "train_memory.py, 'auto' (s calibrated on the training pairs); test.py "
-                        "default: as stored in the memory")
+                        "colour), a gain strength s (gain = 1 + s (m / mu - 1))" +
+                        (" or 'auto' (s calibrated on the training pairs); stored for test.py "
+                         "(default: release)" if training else " (default: as stored in the memory)"))
     p.add_argument("--query_encoder", choices=list(QUERY_ENCODERS), default=None,
                    help="enhancer or enhancer_levels (descriptors of the enhancer's features, offline) "
-                        "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, the torch hub cache or a download); "
-                        "training default resnet18 (the original), test default from the memory")
+                        "or resnet18 (the original; torchvision's ImageNet weights from --query_weights, "
+                        "the torch hub cache or a download) " +
+                        ("(default: resnet18, the original)" if training else "(default: as stored in the memory)"))
     p.add_argument("--query_weights", default=None,
-                   help="torchvision resnet18 state_dict for --query_encoder resnet18; default: the torch hub cache, downloaded once")
+                   help="torchvision resnet18 state_dict for --query_encoder resnet18 (default: the torch "
+                        "hub cache, downloaded once)")
+
+
+def add_max_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_memory", type=float, default=None,
+                   help="memory budget in GB for the enhancer's inference forwards (test images, validation; on "
+                        "the CPU the whole process's, on CUDA the forward's): larger photos run in exact row "
+                        "strips, on the CPU with their feature maps on disk (EMNET_SPILL_DIR, default the "
+                        "temporary folder or /var/tmp if that is tmpfs) when even those do not fit "
+                        "(default: 4 GB or half the free memory on the CPU, 80%% of the free memory on CUDA)")
+
+
+def set_memory_budget(gb: float | None) -> None:
+    """Apply --max_memory (None: the default); a budget that is not positive is a UserError."""
+    if gb is not None and not gb > 0:
+        raise UserError(f"--max_memory {gb} must be a positive number of GB")
+    budget.set_max_memory(gb)
 
 
 def add_border_arg(p: argparse.ArgumentParser) -> None:
@@ -119,10 +161,25 @@ def add_split_arg(p: argparse.ArgumentParser) -> None:
                         "given (a fixed rule on file names: see dataset/pairing.py)")
 
 
+def run_label(path: str | Path) -> str:
+    """A result-folder name for a weights file: the stem of a bundled file (`pre_trained_logs/`,
+    named uniquely), else the stem and a fingerprint of the bytes (`model_best-1a2b3c4d`), so that
+    two trained runs' `model_best.pth` never share a folder. A folder (`--enhanced_dir`) or a
+    missing file: its stem."""
+    path = Path(path)
+    if not path.is_file() or path.resolve().is_relative_to(BUNDLED_DIR):
+        return path.stem
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.stem}-{digest.hexdigest()[:8]}"
+
+
 def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: str | Path | None) -> Path:
-    """log_eval/<input name>/<weights or --enhanced_dir name>[+<memory name>]: runs of other
-    weights or memories on the same input never replace each other's results."""
-    run = Path(source).stem + (f"+{Path(mem_weights).stem}" if mem_weights else "")
+    """log_eval/<input name>/<weights or --enhanced_dir label>[+<memory label>] (`run_label`):
+    runs of other weights or memories on the same input never replace each other's results."""
+    run = run_label(source) + (f"+{run_label(mem_weights)}" if mem_weights else "")
     given = Path(input_dir).resolve()
     return Path("log_eval") / (given.stem if given.is_file() else given.name) / run
 
@@ -141,3 +198,36 @@ def writable_dir(path: str | Path, flag: str) -> Path:
             raise write_error(path, err) from None
         raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
     return path
+
+
+_UNSET = object()
+
+
+def parse_with_given(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                     ) -> tuple[argparse.Namespace, set[str]]:
+    """Parse `argv` (default: the command line); also return the flags (dests) it set, whatever
+    their value, so that --resume can tell "not given" from "given with the default value"."""
+    args = parser.parse_args(argv)
+    probe = argparse.Namespace(**{dest: _UNSET for dest in vars(args)})  # argparse keeps set attributes
+    parser.parse_args(argv, namespace=probe)
+    return args, {dest for dest, value in vars(probe).items() if value is not _UNSET}
+
+
+def resume_flags(args: argparse.Namespace, given: set[str] | None, stored: dict[str, Any],
+                 names: tuple[str, ...]) -> str | None:
+    """On --resume, each flag of `names` not given on this command line takes the value the run
+    stored (`stored`: its options); returns one line naming the flags given with another value
+    (they apply), or None. `given` None (a caller that built `args` itself): nothing is taken."""
+    if given is None:
+        return None
+    changed = []
+    for name in names:
+        if name not in stored:
+            continue
+        if name not in given:
+            setattr(args, name, stored[name])
+        elif getattr(args, name) != stored[name]:
+            changed.append(f"--{name} {stored[name]} -> {getattr(args, name)}")
+    if not changed:
+        return None
+    return "resumed with flags given again with other values than the run's (these apply): " + ", ".join(changed)

@@ -202,7 +202,7 @@ def test_channel_layer_norm_matches_reference():
 
 
 def test_mdta_matches_per_head_reference():
-    """MDTA == the per-head formulation of EMNET.md: L2-normalise q, k over space, softmax of
+    """MDTA == the per-head formulation of docs/METHOD.md: L2-normalise q, k over space, softmax of
     (q k^T) * temperature over channels, times v, then the 1x1 projection."""
     g = torch.Generator().manual_seed(0)
     dim, heads = 8, 2

@@ -808,11 +808,10 @@ def test_train_memory_bad_top_k_or_mem_size(flags):
         mem_size=32, key_dim=128, pooling_size=2, threshold=1e-5)
 
 
-@pytest.mark.parametrize("flags,mem_size", [((), 32), (RUN_FLAGS["learned"], 64)], ids=["no_head", "mem_size"])
+@pytest.mark.parametrize("flags,mem_size", [(RUN_FLAGS["learned"], 64)], ids=["mem_size"])
 def test_resume_with_other_flags_is_user_error(setup, trained, flags, mem_size):
-    """--resume of the --learn_query run without --learn_query (it would silently drop the head)
-    or with another --mem_size (it crashed in load_state_dict): exit 2, one error line naming the
-    checkpoint, which is left untouched."""
+    """--resume with another --mem_size (it crashed in load_state_dict): exit 2, one error line
+    naming the checkpoint, which is left untouched."""
     assert_ok(trained["learned"])
     env = f"resume_mismatch_{mem_size}"
     shutil.copytree(setup["save"] / "learned", setup["save"] / env)
@@ -822,6 +821,27 @@ def test_resume_with_other_flags_is_user_error(setup, trained, flags, mem_size):
     assert_user_error(proc, latest)
     assert latest.read_bytes() == before
 
+
+def test_resume_takes_the_run_flags_and_clear_cache_removes_the_passes(setup, trained, tmp_path):
+    """--resume of the --learn_query run without --learn_query continues with the head (the flag
+    comes from the checkpoint; before, it was dropped or refused); a flag given again with another
+    value is named in one log line. The run ends by saying how large its pass cache is, and
+    --clear_cache removes it."""
+    assert_ok(trained["learned"])
+    env = "resume_restores"
+    shutil.copytree(setup["save"] / "learned", setup["save"] / env)
+    cache = tmp_path / "cache"
+    args = train_args(setup, env, "--nepoch", "3", "--resume", "--val_time", "2", "--cache_dir", cache)
+    assert_ok(run_py("train_memory.py", *args))
+    latest = torch.load(setup["save"] / env / "models" / "memory_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["epoch"] == 3 and latest["head_state_dict"] is not None
+    log = (setup["save"] / env / "train.log").read_text()
+    changed = [line for line in log.splitlines() if "given again" in line]
+    assert len(changed) == 1 and "--nepoch 2 -> 3" in changed[0] and "--val_time 1 -> 2" in changed[0], changed
+    assert re.search(r"cached enhancer passes: 2 files, [\d.]+ GB in " + re.escape(str(cache)), log), log
+    assert_ok(run_py("train_memory.py", *args[:-2], "--cache_dir", cache, "--nepoch", "4", "--clear_cache"))
+    assert "--clear_cache: removed 2 cached enhancer passes" in (setup["save"] / env / "train.log").read_text()
+    assert not any(cache.rglob("*.pt"))
 
 def test_enhancer_query_in_chunks_equals_one_by_one():
     """A batch larger than EnhancerQuery.CHUNK gives the same queries as one image at a time."""

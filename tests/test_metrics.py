@@ -1,4 +1,4 @@
-"""Metrics on rounded 8-bit RGB (EMNET.md, "Metric conventions") and the report files."""
+"""Metrics on rounded 8-bit RGB (docs/METHOD.md, "How the numbers are measured") and the report files."""
 from __future__ import annotations
 
 import csv

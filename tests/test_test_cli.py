@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_repo, write_png
+from conftest import REPO, run_repo, write_png
 from models.inference import enhance
 from models.loading import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
@@ -387,3 +387,25 @@ def test_default_result_dir_depends_on_input_weights_and_memory(tmp_path):
     assert len(others | {default}) == 4
     assert default_result_dir(photo, "w.pth", None) == Path("log_eval/photo.v2/w")
     assert default_result_dir(f"{eval15}/", "w.pth", None) == Path("log_eval/eval15/w")
+
+
+def test_trained_runs_with_the_same_file_names_get_their_own_result_folders(tmp_path):
+    """Two runs' model_best.pth + memory_best.pth (same names, other weights) land in different
+    folders, named by a fingerprint of the bytes; the bundled pair keeps the folder the README
+    documents."""
+    from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY, default_result_dir
+
+    eval15 = tmp_path / "eval15"
+    eval15.mkdir()
+    dirs = []
+    for run, byte in (("run_a", b"a"), ("run_b", b"b")):
+        models = tmp_path / "log" / run / "models"
+        models.mkdir(parents=True)
+        (models / "model_best.pth").write_bytes(byte * 100)
+        (models / "memory_best.pth").write_bytes(b"m" * 100)
+        dirs.append(default_result_dir(eval15, models / "model_best.pth", models / "memory_best.pth"))
+    assert dirs[0] != dirs[1]
+    assert all(re.fullmatch(r"model_best-[0-9a-f]{8}\+memory_best-[0-9a-f]{8}", d.name) for d in dirs), dirs
+    assert dirs[0].name.split("+")[1] == dirs[1].name.split("+")[1]  # the same memory bytes: the same label
+    bundled = default_result_dir(REPO / "datasets" / "demo", REPO / BUNDLED_ENHANCER, REPO / BUNDLED_MEMORY)
+    assert bundled == Path("log_eval/demo/emnet_dim32_lolv1_h200_bf16+emnet_dim32_lolv1_levels_memory")

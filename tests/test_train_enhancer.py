@@ -255,7 +255,8 @@ def test_resume_at_an_epoch_boundary_is_exact(resume_data, tmp_path):
     ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--max_iters", 2, *RESUME_ARGS))
     half = load(save / "B" / "models" / "model_latest.pth")
     assert (half["epoch"], half["iteration"]) == (1, 2)
-    ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", *RESUME_ARGS))
+    ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", "--max_iters", 0,  # lift the cap
+                 *RESUME_ARGS))
 
     a, b = load(save / "A" / "models" / "model_latest.pth"), load(save / "B" / "models" / "model_latest.pth")
     assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"]) == (2, 4)
@@ -284,7 +285,8 @@ def test_resume_mid_epoch_matches_straight_run(resume_data, tmp_path):
     ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--max_iters", 3, *RESUME_ARGS))
     part = load(save / "B" / "models" / "model_latest.pth")
     assert (part["epoch"], part["iteration"]) == (1, 3)
-    ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", *RESUME_ARGS))
+    ok(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", "--max_iters", 0,  # lift the cap
+                 *RESUME_ARGS))
     assert "resuming at epoch 1 iteration 3" in (save / "B" / "train.log").read_text()
     a, b = load(save / "A" / "models" / "model_latest.pth"), load(save / "B" / "models" / "model_latest.pth")
     assert (b["epoch"], b["iteration"]) == (2, 4)
@@ -595,6 +597,33 @@ def test_persistent_nan_raises_user_error(tmp_path, monkeypatch, one_thread):
     assert "--lr_initial" in str(err.value)
 
 
+def test_validation_of_a_600x400_image_runs_whole_under_the_default_budget(tmp_path, monkeypatch, one_thread):
+    """The heap the training steps free and keep (simulated: 5 GB more resident memory once a step
+    ran) is validation's to reuse: with the default budget (4 GB here on any machine) validation of
+    a 600x400 pair runs whole, not in strips spilled to disk under a 0.0 GB budget as it did."""
+    from models.fast import budget, policy
+
+    train = make_structured_pairs(tmp_path / "train", ["t1", "t2"], size=(40, 40))
+    val = make_structured_pairs(tmp_path / "val", ["v1"], size=(400, 600))
+    made = _patch_loss(monkeypatch, bad_calls=set())
+    real_rss, real_plan, plans = budget._resident_bytes, policy.plan_strips, []
+    monkeypatch.setattr(budget, "_resident_bytes", lambda: real_rss() + (5 << 30 if made and made[0].calls else 0))
+    monkeypatch.setattr(budget, "_available_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(budget, "_baseline_bytes", None)
+    monkeypatch.delenv("EMNET_MAX_MEMORY_GB", raising=False)
+
+    def recorded_plan(model, x):
+        plans.append((tuple(x.shape[-2:]), real_plan(model, x)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(policy, "plan_strips", recorded_plan)
+    argv = ["--train_dir", str(train), "--val_dir", str(val), "--save_dir", str(tmp_path / "runs"), "--env", "val",
+            *FAST, "--train_ps", "32", "--batch_size", "2", "--nepoch", "1"]
+    train_enhancer.main(train_enhancer.get_args_parser().parse_args(argv))
+    assert made[0].calls == 1
+    assert [shape for shape, _ in plans] == [(416, 616)]  # the validation image, margin and pad included
+    assert plans[0][1] is None, f"validation ran in strips: {plans}"
+
 def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
     """--resume with --max_iters at or below the checkpoint's iteration: no step, checkpoints
     untouched, a log line saying so; the progress lines count to the cap, not the schedule's end."""
@@ -611,6 +640,31 @@ def test_resume_at_or_past_max_iters_trains_nothing(tmp_path):
         assert latest.read_bytes() == before
     assert (save / "cap" / "train.log").read_text().count("nothing to train") == 2
 
+
+
+def test_resume_takes_the_run_flags_not_given_again_from_the_checkpoint(tmp_path):
+    """--resume alone continues the run as it was started (--max_iters, --nepoch, --batch_size,
+    crops, split: not given again, from the checkpoint); a flag given again with another value
+    applies and is named in one log line."""
+    train = make_structured_pairs(tmp_path / "pairs", ["a", "b", "c"], size=(40, 40))
+    save = tmp_path / "runs"
+    ok(run_train(train, save, "run", "--val_percent", 0, "--train_ps", 32, "--batch_size", 1, "--nepoch", 50,
+                 "--log_every", 1, "--max_iters", 3))
+    log_path, latest = save / "run" / "train.log", save / "run" / "models" / "model_latest.pth"
+    before = latest.read_bytes()
+    ok(run_train(train, save, "run", "--resume"))  # without the run's flags: it stops at its --max_iters
+    assert latest.read_bytes() == before
+    assert "nothing to train: the run is at iteration 3 and stops at 3" in log_path.read_text()
+    assert "given again" not in log_path.read_text()
+
+    ok(run_train(train, save, "run", "--resume", "--max_iters", 5, "--lr_initial", 1e-4, "--log_every", 1))
+    changed = [line for line in log_path.read_text().splitlines() if "given again" in line]
+    assert len(changed) == 1 and "--max_iters 3 -> 5" in changed[0] and "--lr_initial 0.0002 -> 0.0001" in changed[0]
+    assert "iter 5/5 " in log_path.read_text()
+    options = yaml.safe_load((save / "run" / "options.yml").read_text())
+    assert (options["nepoch"], options["batch_size"], options["train_ps"], options["val_percent"]) == (50, 1, 32, 0)
+    assert (options["max_iters"], options["lr_initial"]) == (5, 1e-4)
+    assert load(latest)["iteration"] == 5
 
 # ----------------------------------------------------------------------------- 8. batches on the device, time budgets
 

@@ -51,7 +51,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Float [0, 1] -> uint8 by rounding (not truncation), the metric convention of EMNET.md."""
+    """Float [0, 1] -> uint8 by rounding (not truncation), the metric convention of docs/METHOD.md."""
     scaled = img * 255.0
     return np.clip(np.round(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
 

@@ -1,6 +1,6 @@
 """Image-quality metrics, one function per metric.
 
-Convention (EMNET.md, "Metric conventions"): both images are 8-bit RGB, obtained from [0, 1]
+Convention (docs/METHOD.md, "How the numbers are measured"): both images are 8-bit RGB, obtained from [0, 1]
 floats by *rounding*; PSNR over all pixels and channels with peak 255; SSIM is scikit-image's
 `structural_similarity` with its defaults (7x7 uniform window, data_range 255) over the colour
 channels (`channel_axis=2`), averaged. No border crop, no Y channel.

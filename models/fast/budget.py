@@ -46,6 +46,14 @@ def set_max_memory(gb: float | None) -> None:
     _max_memory_gb = gb
 
 
+def measure_baseline() -> None:
+    """Take what this process holds now as the part the budget does not cover. The trainers call
+    it before their first step: the heap those steps free and keep (GLIBC_TUNABLES/mallopt: never
+    trimmed) is reused by the validation forwards, and counting it left them no budget at all."""
+    global _baseline_bytes
+    _baseline_bytes = _resident_bytes()
+
+
 def _available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
