@@ -27,11 +27,13 @@ def console_lines(stderr: str) -> list[str]:
     return [m.group(1) for m in CONSOLE.finditer(stderr)]
 
 
-def run(browser: str, url: str, *args: str, budget_ms: int = 10000,
+def run(browser: str, url: str, *args: str, budget_ms: int | None = 10000,
         timeout: float = 90) -> subprocess.CompletedProcess:
     """Open `url` headless with `args`; `budget_ms` of virtual time lets the page's timers and
-    image loads finish before the DOM is dumped or the screenshot taken."""
-    cmd = [browser, *FLAGS, f"--virtual-time-budget={budget_ms}", *args, url]
+    image loads finish before the DOM is dumped or the screenshot taken (None: real time, the
+    DOM is dumped at the load event, as for timing)."""
+    budget = [f"--virtual-time-budget={budget_ms}"] if budget_ms is not None else []
+    cmd = [browser, *FLAGS, *budget, *args, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

@@ -273,6 +273,9 @@ async function selfTest(ready) {
   document.body.append(pre);
 }
 
+// Milliseconds from navigation to the load event (every preview drawn), for benchmarks/bench_page.py.
+window.addEventListener("load", () => { document.body.dataset.loadMs = performance.now().toFixed(1); });
+
 if (DATA.images.length) {
   const ready = init();
   if (location.hash === "#selftest") selfTest(ready);
