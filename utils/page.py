@@ -196,7 +196,7 @@ def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str]
     if data["images"]:
         shown = " | ".join(s["title"] for s in data["stages"])
         parts += ["<h2>Images</h2>", f'<p class="note">Stages: {html.escape(shown)}. Previews at most '
-                  "1024 px; the links open the full-size files.</p>", VIEWER]
+                  f"{PREVIEW_SIDE} px; the links open the full-size files.</p>", VIEWER]
     parts += [f'<script id="data" type="application/json">{_script_json(data)}</script>',
               f"<script>{(ASSETS / 'page.js').read_text()}</script>", "</body></html>"]
     path = result_dir / "index.html"
