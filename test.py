@@ -2,7 +2,8 @@
 
 Writes RESULT_DIR/ori/<name>.png (the enhancer) and, with --mem_weights, RESULT_DIR/mem/<name>.png
 (after the memory) when --save_images is given, plus RESULT_DIR/metrics.csv (one row per image),
-summary.json and result.txt (means); a second run into the same RESULT_DIR meanwhile is refused
+summary.json and result.txt (means; a run stopped by Ctrl-C or SIGTERM writes them for the images
+already done); a second run into the same RESULT_DIR meanwhile is refused
 (utils/folder_lock.py). Without a high/ folder the images are only enhanced. With a
 memory, metrics.csv and summary.json name its best entries for each image (`recalled`).
 --pictures also writes RESULT_DIR/strips/<name>.jpg (low | ori | mem | ground truth) and index.html.
@@ -13,7 +14,9 @@ memory, metrics.csv and summary.json name its best entries for each image (`reca
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from typing import Any
 
 import torch
 
@@ -111,11 +114,20 @@ def main(args: argparse.Namespace) -> None:
     columns = [f"{s}_{m}" for s in stages for m in metrics] if pairs[0].high is not None else []
     if lpips is not None:
         meta["lpips_convention"] = LPIPS_CONVENTION
+    if not columns:
+        print(f"no ground truth (high/) in {args.input_dir}: the images are enhanced only, no metrics")
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-        rows = evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced,
-                              ori_dir=out["ori"], mem_dir=out.get("mem"), margin=args.border_margin,
-                              lpips=lpips)
+    rows: list[dict[str, Any]] = []
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced, ori_dir=out["ori"],
+                           mem_dir=out.get("mem"), margin=args.border_margin, lpips=lpips, rows=rows)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (utils.errors.run_cli): keep the images already done
+        if rows:
+            write_report(result_dir, rows, columns, {**meta, "stopped_early": f"{len(rows)} of {len(pairs)} images"})
+            print(f"stopped early: {result_dir / 'metrics.csv'} has the {len(rows)} of {len(pairs)} images done",
+                  file=sys.stderr)
+        raise
     seconds = time.perf_counter() - start
     meta.update(border_margin=args.border_margin, device=str(device), amp=args.amp, seconds=round(seconds, 2))
     summary = write_report(result_dir, rows, columns, meta)

@@ -37,7 +37,7 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
                    refiner: nn.Module | None = None, enhanced: dict[str, Path] | None = None,
                    ori_dir: Path | None = None, mem_dir: Path | None = None,
                    progress: bool = True, margin: int = BORDER_MARGIN,
-                   lpips: nn.Module | None = None) -> list[dict[str, Any]]:
+                   lpips: nn.Module | None = None, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
     `mem_...` with a `refiner`; `..._lpips` with an `lpips` model, `utils.perceptual.LPIPS`).
     A refiner with `top_entries` (`models.refiner.MemoryRefiner`) adds `recalled`: the memory's
@@ -47,8 +47,10 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
     `margin` is the reflected border margin of `models.inference.enhance`. With a refiner the
     memory's enhancer query reuses the features of the enhancer pass.
+    Each row is appended to `rows` (a new list when None) once its image is done, so a caller
+    keeps the rows of a run stopped early.
     """
-    rows = []
+    rows = [] if rows is None else rows
     for pair in tqdm(pairs, desc="enhance", unit="img", disable=not progress, leave=False):
         low, high = read_pair(pair)
         x = image_to_tensor(low).to(device)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_enhancer
+from conftest import random_enhancer, write_png
+from dataset.pairing import ImagePair
 from models.loading import enhancer_fingerprint, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
 from models.provenance import THUMB_HW, UNKNOWN, EntrySources, sources_payload
@@ -18,7 +19,7 @@ from models.refiner import build_refiner
 from train_memory import restore_run
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
-from utils.pictures import write_index
+from utils.page import write_index
 from utils.report import write_report
 
 
@@ -137,22 +138,23 @@ def test_old_memory_reads_unknown_sources(tmp_path):
 
 def test_recalled_entries_reach_metrics_summary_and_index(tmp_path):
     """Rows with `recalled` add a metrics.csv column and a summary.json map, and index.html shows
-    each entry's thumbnail (written to recalled/) and name beside the strip."""
+    each entry's thumbnail (written to recalled/) and name with the photo."""
     enhancer = random_enhancer("emnet_tiny", 8)
     path, _ = sourced_memory(tmp_path, enhancer)
     mem, ckpt = load_memory(path)
     refiner = build_refiner(mem, ckpt, path, enhancer, None, None)
     entries = refiner.top_entries(torch.rand(1, 3, 24, 40))[0]
     out = tmp_path / "result"
-    (out / "strips").mkdir(parents=True)
-    (out / "strips" / "img1.jpg").write_bytes(b"")
+    low = write_png(tmp_path / "low" / "img1.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(out / "ori" / "img1.png", np.zeros((8, 8, 3), np.uint8))
     rows = [{"name": "img1", "mem_psnr": 20.0, "recalled": entries}]
     summary = write_report(out, rows, ["mem_psnr"], {})
     header, first = (out / "metrics.csv").read_text().splitlines()[:2]
     assert header == "name,mem_psnr,recalled"
     assert first.endswith(" ".join(f"{e['name']}:{e['score']:.4f}" for e in entries))
     assert json.loads((out / "summary.json").read_text())["recalled"]["img1"] == entries
-    page = write_index(out, rows, ["mem_psnr"], summary, refiner.sources.thumbnail).read_text()
+    page = write_index(out, rows, ["mem_psnr"], summary, refiner.sources.thumbnail,
+                       [ImagePair("img1", low, None)], ["ori"]).read_text()
     for e in entries:
         rel = f"recalled/{e['index']}_{e['name']}.png"
         assert (out / rel).is_file() and rel in page

@@ -39,12 +39,20 @@ def intervals(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list[
         values = [r[c] for r in rows if r.get(c) is not None]
         if values:
             out[c] = list(bootstrap_ci(values)[1:])
+    for metric, (_, lo, hi) in paired_differences(rows).items():
+        out[f"mem_minus_ori_{metric}"] = [lo, hi]
+    return out
+
+
+def paired_differences(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """(mean, low, high) of the per-image mem - ori difference of each PAIRED metric that both
+    stages were scored on: its mean and 95% bootstrap interval."""
+    out = {}
     for metric in PAIRED:
-        pairs = [(r[f"mem_{metric}"], r[f"ori_{metric}"]) for r in rows
+        diffs = [r[f"mem_{metric}"] - r[f"ori_{metric}"] for r in rows
                  if r.get(f"mem_{metric}") is not None and r.get(f"ori_{metric}") is not None]
-        if pairs:
-            mean, lo, hi = bootstrap_ci([m - o for m, o in pairs])
-            out[f"mem_minus_ori_{metric}"] = [lo, hi]
+        if diffs:
+            out[metric] = bootstrap_ci(diffs)
     return out
 
 
@@ -75,7 +83,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str
 def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str],
                  meta: dict[str, Any]) -> dict[str, Any]:
     """Write metrics.csv (a row per image), summary.json and result.txt (means with their 95%
-    bootstrap intervals, `ci95`); return the summary. Rows with `recalled` (the memory's best
+    bootstrap intervals, `ci95`; the mean and interval of each paired mem - ori difference,
+    `mem_minus_ori`); return the summary. Rows with `recalled` (the memory's best
     entries, `models.evaluate.evaluate_pairs`) add a `recalled` column of `name:score` items to
     metrics.csv and a `recalled` map (image name -> entries) to summary.json.
 
@@ -84,6 +93,7 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     """
     means = mean_scores(rows, columns)
     ci95 = intervals(rows, columns)
+    diffs = {m: {"mean": mean, "ci95": [lo, hi]} for m, (mean, lo, hi) in paired_differences(rows).items()}
     recalled = {r["name"]: r["recalled"] for r in rows if "recalled" in r}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["name", *columns, *(["recalled"] if recalled else [])],
@@ -92,12 +102,14 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     writer.writerows([{**r, "recalled": " ".join(f"{e['name']}:{e['score']:.4f}" for e in r["recalled"])}
                       if "recalled" in r else r for r in rows])
     summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, "ci95": ci95,
-               "ci95_method": CI_METHOD, **meta, **({"recalled": recalled} if recalled else {})}
+               "ci95_method": CI_METHOD, **({"mem_minus_ori": diffs} if diffs else {}), **meta,
+               **({"recalled": recalled} if recalled else {})}
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
                       f"images: {len(rows)}", f"intervals: {CI_METHOD}"] +
                      [f"mean {c}: {_fmt(v)}" + (f" (95% CI {ci95[c][0]:.4f} .. {ci95[c][1]:.4f})" if c in ci95 else "")
                       for c, v in means.items()] +
-                     [f"{k}: 95% CI {v[0]:+.4f} .. {v[1]:+.4f}" for k, v in ci95.items() if k.startswith("mem_minus")])
+                     [f"mem_minus_ori_{m}: {d['mean']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})"
+                      for m, d in diffs.items()])
     atomic_write_many([(result_dir / "metrics.csv", buf.getvalue().encode()),
                        (result_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()),
                        (result_dir / "result.txt", (text + "\n").encode())])
