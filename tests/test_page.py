@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, write_png
+from conftest import write_png
 from dataset.pairing import find_pairs
 from utils import headless
 from utils.image_io import read_image, to_uint8
@@ -139,5 +137,3 @@ def test_page_in_headless_chromium(browser, tmp_path):
     shot = headless.screenshot(browser, url, tmp_path / "page.png")
     img = cv2.imread(str(shot))
     assert img is not None and img.std() > 10
-    if os.environ.get("EMNET_SCREENSHOTS"):  # refresh the README's picture
-        shutil.copy(shot, REPO / "docs" / "results_page.png")
