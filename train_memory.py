@@ -17,6 +17,7 @@ image recalled).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import time
@@ -32,7 +33,7 @@ from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
-from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
+from models.memory import ExternalMemory, MemoryConfig, pooled_value
 from models.options import (
     BUNDLED_ENHANCER,
     HelpFormatter,
@@ -52,7 +53,7 @@ from models.options import (
 )
 from models.provenance import sources_payload
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
-from models.refiner import read_settings
+from models.read_settings import ReadSettings
 from utils.allocator import tune_allocator
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
@@ -132,13 +133,13 @@ RESUMED_FLAGS = ("weights", "arch", "embed_dim", "border_margin", "train_dir", "
                  "alpha", "pos_thres", "lr", "nepoch", "val_time", "seed")
 
 
-def read_config(args: argparse.Namespace) -> dict:
-    """The read settings the memory is validated with and stores for test.py; "auto" strength is
-    kept as such until calibrated after training."""
+def read_config(args: argparse.Namespace) -> tuple[ReadSettings, bool]:
+    """The read settings the memory is validated with and stores for test.py, and whether
+    --strength auto asks for the strength to be calibrated after training (the one place "auto"
+    means anything; until then the memory is validated and stored with the release's correction)."""
     auto = args.strength == "auto"
-    read = read_settings({}, args.testing_top_k, args.temperature, None if auto else args.strength,
-                         args.pooling_mean)
-    return {**read, "strength": "auto"} if auto else read
+    flags = argparse.Namespace(**{**vars(args), "strength": None}) if auto else args
+    return ReadSettings().with_flags(flags), auto
 
 
 def memory_config(args: argparse.Namespace, key_dim: int, top_k: int) -> MemoryConfig:
@@ -171,12 +172,12 @@ class ValidationSet:
         self.ori_means = mean_scores(ori_rows, ["ori_psnr", "ori_ssim"])  # the enhancer is frozen
 
     @torch.no_grad()
-    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: dict) -> dict[str, float]:
+    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: ReadSettings) -> dict[str, float]:
         q = self.query.to(memory.key.device)
-        recalled = memory.read(head(q) if head is not None else q, read["top_k"], read["temperature"]).cpu()
+        recalled = read.recall(memory, head(q) if head is not None else q).cpu()
         p = memory.config.pooling_size
-        mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(refine_with_memory(
-            fp.ori[None].float(), r[None], p, read["pooling_mean"], read["strength"]))), fp.high).items()}
+        mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(
+            read.correct(fp.ori[None].float(), r[None], p))), fp.high).items()}
             for fp, r in zip(self.passes, recalled)]
         return {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
 
@@ -241,18 +242,18 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     check_border_margin(args.border_margin)
     set_memory_budget(args.max_memory)
     query_name = args.query_encoder
-    read = read_config(args)
+    read, auto = read_config(args)
     enhancer, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
     enhancer.to(device).requires_grad_(False)
     encoder = build_query_encoder(query_name, enhancer, args.query_weights).to(device)
-    config = memory_config(args, encoder.dim, read["top_k"])
+    config = memory_config(args, encoder.dim, read.top_k)
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     seed_everything(args.seed)
     log = RunLog(env_dir, True)
     cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
         args.weights, args.border_margin)
     train_passes = None
-    if args.entries == "images" or read["strength"] == "auto":
+    if args.entries == "images" or auto:
         start = time.perf_counter()
         train_passes = cached_passes(enhancer, train_pairs, device, cache, args.border_margin, "train pairs")
         log.line(f"enhancer passes of {len(train_pairs)} training pairs ready in {time.perf_counter() - start:.0f} s "
@@ -274,7 +275,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     if args.resume:
         epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name,
                                   enhancer_fingerprint(enhancer), args.weights)
-    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(), "read": read,
+    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(),
+               "read": {**read.to_checkpoint(), "strength": "auto"} if auto else read.to_checkpoint(),
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "device": str(device)}
     (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
@@ -294,7 +296,6 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
         log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
                  "selects a checkpoint (no memory_best.pth); drop --val_dir to select on pairs held out of "
                  "--train_dir")
-    val_read = {**read, "strength": None} if read["strength"] == "auto" else read
 
     extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
              "enhancer_fingerprint": enhancer_fingerprint(enhancer),
@@ -333,7 +334,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
             stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(loader)}"
             log.line(f"stopping {stopped_at}: {signals.name} received; saving {latest_path}")
             save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head, {
-                **extra, "read": val_read, "best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
+                **extra, "read": read.to_checkpoint(), "best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
                 "head_optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "in_epoch": position.state(done, matched, written, losses)}))
             break
@@ -344,25 +345,25 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
         log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": matched / max(written, 1),
                             **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
         if val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
-            m = val.evaluate(memory, head, val_read)
+            m = val.evaluate(memory, head, read)
             log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
                      f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
             log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
             if selects and m["mem_psnr"] > best["mem_psnr"]:
                 best = {**m, "epoch": epoch}
                 save_checkpoint(models_dir / "memory_best.pth", memory_payload(
-                    memory, epoch, query_name, head, {**extra, "read": val_read, "best": best}))
+                    memory, epoch, query_name, head, {**extra, "read": read.to_checkpoint(), "best": best}))
         state = {"best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
                  "head_optimizer": optimizer.state_dict() if optimizer is not None else None}
         save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head,
-                                                    {**extra, "read": val_read, **state}))
+                                                    {**extra, "read": read.to_checkpoint(), **state}))
         if signals.requested:
             stopped_at = f"after epoch {epoch}"
             break
     signals.restore()
     signals.raise_if_stopped(f"stopped by {signals.name} {stopped_at}; {latest_path} holds this step: "
                              "--resume continues")
-    if read["strength"] == "auto":
+    if auto:
         calibrate_final(memory, head, train_passes, train_pairs, encoder, query_name, read, models_dir,
                         val, log, device)
     elif val is not None and selects:
@@ -384,7 +385,7 @@ def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
 
 
 def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
-                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: dict,
+                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: ReadSettings,
                     models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
     """--strength auto: choose the strength on the training pairs (leave-one-out reads) and store
     it in memory_latest.pth, which is then also memory_best.pth (the validation split is only
@@ -393,12 +394,12 @@ def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list
     if head is not None:
         queries = head(queries).detach()
     strength, curve = calibrate_strength(memory, queries, [fp.ori for fp in passes], [fp.high for fp in passes],
-                                         read["top_k"], read["temperature"], read["pooling_mean"])
+                                         read)
     log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
              ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()) + f" -> {strength}")
-    final = {**read, "strength": strength}
+    final = dataclasses.replace(read, strength=strength)
     ckpt = torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
-    ckpt.update(read=final, calibration={str(s): v for s, v in curve.items()})
+    ckpt.update(read=final.to_checkpoint(), calibration={str(s): v for s, v in curve.items()})
     if val is not None:
         m = val.evaluate(memory, head, final)
         ckpt["best"] = {**m, "epoch": ckpt["epoch"]}

@@ -102,7 +102,10 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     else:
         p.add_argument("--pooling_size", type=int, default=None,
                        help="p of the memory's values (default: as stored in the memory)")
-    p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
+    p.add_argument("--pooling_mean", action=argparse.BooleanOptionalAction, default=False if training else None,
+                   help="one gain for all three channels" +
+                        ("" if training else " (default: as stored in the memory; --no-pooling_mean turns "
+                                             "a stored one off)"))
     p.add_argument("--testing_top_k", type=int, default=None,
                    help="slots read per query: at validation, and stored in the memory as test.py's "
                         "default (default: 1, the release)" if training else
