@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from models.enhancer import ARCH_PRESETS
-from models.fast import budget
+from utils import config
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils.errors import UserError, is_write_fault, register_output, write_error
@@ -142,7 +142,7 @@ def set_memory_budget(gb: float | None) -> None:
     """Apply --max_memory (None: the default); a budget that is not positive is a UserError."""
     if gb is not None and not gb > 0:
         raise UserError(f"--max_memory {gb} must be a positive number of GB")
-    budget.set_max_memory(gb)
+    config.set_max_memory(gb)
 
 
 def add_border_arg(p: argparse.ArgumentParser) -> None:
