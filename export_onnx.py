@@ -120,7 +120,7 @@ def export_refiner(args: argparse.Namespace, enhancer: EMNetEnhancer) -> MemoryR
                         "p = 1 memories can be exported (ONNX has no adaptive pooling for dynamic sizes)")
     refiner = refiner_from_flags(memory, ckpt, args, enhancer)
     refiner.memory = written_slots(memory, args.mem_weights)
-    refiner.top_k = min(refiner.top_k, refiner.memory.config.mem_size)
+    refiner.read = dataclasses.replace(refiner.read, top_k=min(refiner.read.top_k, refiner.memory.config.mem_size))
     return refiner
 
 
@@ -179,9 +179,9 @@ def main(args: argparse.Namespace) -> None:
     onnx.checker.check_model(model)
     source = {"weights": args.weights, "border_margin": args.border_margin}
     if refiner is not None:
-        source.update(mem_weights=args.mem_weights, top_k=refiner.top_k, temperature=refiner.temperature,
-                      strength=refiner.strength if refiner.strength is not None else "release",
-                      pooling_mean=refiner.pooling_mean)
+        read = refiner.read
+        source.update(mem_weights=args.mem_weights, top_k=read.top_k, temperature=read.temperature,
+                      strength=read.strength_flag, pooling_mean=read.pooling_mean)
     onnx.helper.set_model_props(model, {k: str(v) for k, v in source.items()})
     atomic_write(output, model.SerializeToString())
     print(f"wrote {output} (opset {args.opset}; outputs {', '.join(o.name for o in model.graph.output)})")

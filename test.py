@@ -102,10 +102,10 @@ def main(args: argparse.Namespace) -> None:
     refiner = None
     if memory is not None:
         refiner = refiner_from_flags(memory, mem_ckpt, args, model).to(device)
-        meta.update(mem_weights=str(args.mem_weights), query_encoder=mem_ckpt["query_encoder"],
-                    testing_top_k=refiner.top_k, temperature=refiner.temperature,
-                    strength=refiner.strength if refiner.strength is not None else "release",
-                    pooling_mean=refiner.pooling_mean)
+        read = refiner.read
+        meta.update(mem_weights=str(args.mem_weights), query_encoder=read.query_encoder,
+                    testing_top_k=read.top_k, temperature=read.temperature, strength=read.strength_flag,
+                    pooling_mean=read.pooling_mean)
     if enhanced is not None:
         meta["enhanced_dir"] = str(args.enhanced_dir)
     stages = ["ori", "mem"] if refiner is not None else ["ori"]

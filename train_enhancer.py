@@ -18,18 +18,22 @@ Several GPUs: torchrun --nproc_per_node N train_enhancer.py ... (DistributedData
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from dataset.batches import Batch, BatchSource, DeviceBatches, LoaderBatches
 from dataset.device_crops import DeviceCrops
 from dataset.paired_folder import PairedCrops, read_pair
 from dataset.pairing import is_test_set, training_split
@@ -52,23 +56,16 @@ from models.options import (
 from utils.allocator import tune_allocator
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
-from utils.distributed import DistInfo, all_ranks_true, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.report import mean_scores
 from utils.run_log import RunLog
-from utils.schedule import build_schedule, fix_budget, last_iteration, schedule_plan
+from utils.schedule import SchedulePlan, build_schedule, fix_budget, last_iteration, schedule_plan
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
-from utils.signals import StopSignals, ignore_stop_signals
-from utils.training import (
-    BUDGET_TIMED_STEPS,
-    MAX_BAD_STEPS,
-    NonFiniteLosses,
-    StepTimer,
-    nan_error,
-    time_is_up,
-)
+from utils.signals import StopSignals
+from utils.training import BUDGET_TIMED_STEPS, DeviceGuard, HostSyncedGuard, StepGuard, StepTimer, time_is_up
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,7 +75,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--env", default="enhancer_lolv1", help="run name; outputs go to SAVE_DIR/ENV")
     g.add_argument("--save_dir", default="./log", help="root folder of all runs")
     add_enhancer_args(g)
-    g = p.add_argument_group("data")
+    add_data_args(p.add_argument_group("data"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_loss_args(p.add_argument_group("loss"))
+    add_checkpoint_args(p.add_argument_group("validation and checkpoints"))
+    add_runtime_args(p.add_argument_group("runtime"))
+    return p
+
+
+def add_data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--train_dir", default="./datasets/LOL-v1/our485", help="training pairs (low/, high/)")
     g.add_argument("--val_dir", default=None,
                    help="validation pairs; None: a split held out of --train_dir (--val_percent)")
@@ -90,7 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_on_device", choices=["auto", "on", "off"], default="auto",
                    help="keep the training pairs on the training device as uint8 and draw the crops "
                         "there (no DataLoader); auto = on for CUDA, off otherwise")
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--nepoch", type=int, default=800, help="epochs (one random crop per pair each)")
     g.add_argument("--time_budget", type=float, default=0.0,
                    help="minutes for the whole run, all --resume calls together, instead of --nepoch: "
@@ -113,7 +120,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="max gradient norm; 0 = no clipping, as the original (our budgeted GPU recipe: 1.0)")
     g.add_argument("--max_iters", type=int, default=0,
                    help="stop after this many iterations in total (smoke runs, budgets); 0 = no limit")
-    g = p.add_argument_group("loss")
+
+
+def add_loss_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--l1_lambda", type=float, default=0.0, help="weight of the L1 loss")
     g.add_argument("--l2_lambda", type=float, default=0.0, help="weight of the squared error")
     g.add_argument("--ssim_lambda", type=float, default=1.0, help="weight of 1 - SSIM")
@@ -128,7 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--datarange", choices=["01", "-11"], default="01",
                    help="the original's flag, which it parsed and never used; accepted with its values and "
                         "ignored here: images are always in [0, 1] (SSIM data range 1)")
-    g = p.add_argument_group("validation and checkpoints")
+
+
+def add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--val_time", type=int, default=1, help="validate every N epochs")
     g.add_argument("--checkpoint", type=int, default=50, help="keep model_epoch_N.pth every N epochs")
     add_max_memory_arg(g)
@@ -140,7 +151,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="end this call after this many minutes of wall time, saving model_latest.pth "
                         "(then validating and saving take their time); --resume continues; 0 = no limit")
     g.add_argument("--pretrain_weights", default=None, help="initial weights (fine-tuning)")
-    g = p.add_argument_group("runtime")
+
+
+def add_runtime_args(g: argparse._ArgumentGroup) -> None:
     add_device_arg(g)
     g.add_argument("--gpu", default=None, help="CUDA devices to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES)")
     g.add_argument("--seed", type=int, default=1234, help="random seed (weights, crops, shuffling)")
@@ -150,7 +163,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode with --compile; reduce-overhead replays CUDA graphs (static "
                         "shapes, which --data_on_device gives)")
-    return p
 
 
 # What a run is: on --resume these come from the checkpoint unless given again (`resume_flags`).
@@ -182,12 +194,12 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if args.amp == "bf16" else torch.float16
 
 
-def payload(model: EMNetEnhancer, args: argparse.Namespace, epoch: int, iteration: int,
-            best: dict[str, Any], training_state: dict[str, Any] | None = None) -> dict[str, Any]:
+def payload(model: EMNetEnhancer, args: argparse.Namespace, progress: Progress,
+            training_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """This run's checkpoint (`enhancer_payload`); `training_state` (optimizer, scheduler, RNG)
     only in model_latest."""
-    return enhancer_payload(model, args.arch, epoch, iteration, best["psnr"], best["epoch"], vars(args),
-                            training_state)
+    return enhancer_payload(model, args.arch, progress.epoch, progress.iteration, progress.best["psnr"],
+                            progress.best["epoch"], vars(args), training_state)
 
 
 def epoch_overhead_seconds(model: EMNetEnhancer, optimizer: torch.optim.Optimizer, val_pairs,
@@ -227,10 +239,41 @@ def validate(model: EMNetEnhancer, val_pairs, device, args, env_dir: Path, epoch
     return means
 
 
-def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
-    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
-    the checkpoint (RESUMED_FLAGS)."""
-    call_start = time.monotonic()  # --stop_after_minutes and --time_budget count from here
+@dataclass
+class Run:
+    """What one call of the script works with, fixed before the first step."""
+
+    args: argparse.Namespace
+    device: torch.device
+    info: DistInfo
+    env_dir: Path
+    models_dir: Path
+    ckpt: dict[str, Any] | None  # model_latest.pth with --resume
+    call_start: float  # --stop_after_minutes and --time_budget count from here
+    amp_dtype: torch.dtype | None  # the forward's autocast (--amp)
+    on_device: bool  # training crops drawn on the device (--data_on_device)
+
+    @property
+    def latest_path(self) -> Path:
+        return self.models_dir / "model_latest.pth"
+
+    def seconds_spent(self, before: float) -> float:
+        """Seconds of the whole run: `before` (earlier calls of a budgeted run) and this call's."""
+        return before + time.monotonic() - self.call_start
+
+
+@dataclass
+class Progress:
+    """Where the run stands, saved in every checkpoint and restored by --resume."""
+
+    epoch: int = 0
+    iteration: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"psnr": -math.inf, "epoch": -1})
+
+
+def open_run(args: argparse.Namespace, given: set[str] | None, call_start: float) -> tuple[Run, str | None]:
+    """The device, the processes, the output folders and (--resume) the checkpoint, whose flags
+    replace those not given again (returns the line naming flags given with other values)."""
     if args.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     device = resolve_device(args.device)
@@ -242,238 +285,321 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     amp_dtype = autocast_dtype(args, device)
     on_device = args.data_on_device == "on" or (args.data_on_device == "auto" and device.type == "cuda")
     env_dir = Path(args.save_dir) / args.env
-    models_dir = writable_dir(env_dir / "models", "--save_dir")
-    latest_path = models_dir / "model_latest.pth"
+    run = Run(args, device, info, env_dir, writable_dir(env_dir / "models", "--save_dir"), None, call_start,
+              amp_dtype, on_device)
     if info.is_main:
-        remove_stale_temp_files(models_dir)
-    if args.resume and not latest_path.is_file():
-        raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; "
+        remove_stale_temp_files(run.models_dir)
+    if args.resume and not run.latest_path.is_file():
+        raise UserError(f"--resume: nothing to resume, {run.latest_path} does not exist; "
                         "drop --resume or check --save_dir/--env")
-    ckpt = load_checkpoint_file(latest_path) if args.resume else None
-    changed = resume_flags(args, given, ckpt.get("options", {}), RESUMED_FLAGS) if ckpt is not None else None
-    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
-    loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
-                              args.lpips_alexnet, args.lpips_input_range == "-11").to(device)
+    if not args.resume:
+        return run, None
+    run.ckpt = load_checkpoint_file(run.latest_path)
+    return run, resume_flags(args, given, run.ckpt.get("options", {}), RESUMED_FLAGS)
+
+
+def batch_source(args: argparse.Namespace, train_pairs: list, run: Run) -> BatchSource:
+    """The training crops: drawn on the device (--data_on_device) or by a DataLoader."""
+    info, on_device = run.info, run.on_device
     if on_device:
-        crops = DeviceCrops.from_pairs(train_pairs, args.train_ps, device, args.seed, (info.rank, info.world_size))
+        crops = DeviceCrops.from_pairs(train_pairs, args.train_ps, run.device, args.seed, (info.rank, info.world_size))
     else:
         dataset = PairedCrops(train_pairs, args.train_ps)
     if len(train_pairs) < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_pairs)} training "
                         f"pairs of {args.train_dir}; lower it or add pairs")
     if on_device:
-        iters_per_epoch = crops.iters_per_epoch(args.batch_size)
-    else:
-        generator = torch.Generator()
-        sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-                   if info.enabled else RandomSampler(dataset, generator=generator))
-        loader = DataLoader(dataset, batch_size=args.batch_size // info.world_size, sampler=sampler,
-                            num_workers=args.train_workers, drop_last=True,
-                            pin_memory=device.type == "cuda", persistent_workers=args.train_workers > 0,
-                            worker_init_fn=ignore_stop_signals)
-        iters_per_epoch = len(loader)
-    plan = schedule_plan(args, ckpt, iters_per_epoch)
-    spent_before = plan["spent_s"]  # by earlier calls of a budgeted run
+        return DeviceBatches(crops, args.batch_size)
+    return LoaderBatches(dataset, args.batch_size, args.train_workers, args.seed, info,
+                         pin_memory=run.device.type == "cuda")
 
-    seed_everything(args.seed + info.rank)
+
+def build_model(args: argparse.Namespace, device: torch.device) -> EMNetEnhancer:
+    """The enhancer to train: fresh (seeded), or --pretrain_weights for a new run."""
     model = EMNetEnhancer(make_config(args.arch, args.embed_dim))
     if args.pretrain_weights and not args.resume:
         init, _ = load_enhancer(args.pretrain_weights, args.arch, args.embed_dim)
         model.load_state_dict(init.state_dict())
-    model.to(device)
+    return model.to(device)
+
+
+def build_optimizer(args: argparse.Namespace, model: EMNetEnhancer, fused: bool) -> torch.optim.Optimizer:
+    """Adam(W). The fused step can skip an update on the device (`DeviceGuard`); the DataLoader
+    path keeps the default implementation, so its results and bit-exact resumes stay as they were."""
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    # The fused step can skip an update on the device (NonFiniteLosses); the DataLoader path keeps
-    # the default implementation, so its results and bit-exact resumes stay as they were.
-    optimizer = opt_cls(model.parameters(), lr=args.lr_initial, betas=(0.9, 0.999),
-                        weight_decay=args.weight_decay, **({"fused": True} if on_device else {}))
-    scheduler = build_schedule(optimizer, plan, args.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return opt_cls(model.parameters(), lr=args.lr_initial, betas=(0.9, 0.999),
+                   weight_decay=args.weight_decay, **({"fused": True} if fused else {}))
 
-    epoch, iteration, best = 0, 0, {"psnr": -math.inf, "epoch": -1}
-    if ckpt is not None:
-        if ckpt.get("config") != model.config.to_dict():
-            raise UserError(f"--resume: {latest_path} was trained as "
-                            f"{describe_config(EnhancerConfig.from_dict(ckpt['config']))}; "
-                            "resume with the same --arch/--embed_dim")
-        check_state_dict(model, ckpt["state_dict"], latest_path)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
-        best = {"psnr": ckpt["best_psnr"], "epoch": ckpt["best_epoch"]}
-        restore_rng_state(ckpt["rng"])  # rank 0's state
-        if info.rank > 0:  # other ranks draw their own crops again
-            seed_everything(args.seed + info.rank + iteration)
-        if on_device and "sampler" in ckpt:  # else a run resumed from the DataLoader path: fresh draws
-            crops.load_state_dict(ckpt["sampler"])
 
-    log = RunLog(env_dir, info.is_main)
-    options = {**vars(args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
-               "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": iters_per_epoch,
-               "total_iters": plan["total_iters"], "warmup_iters": plan["warmup_iters"],
-               "lr_schedule": plan["lr_schedule"],
-               "batches_on_device": on_device, "world_size": info.world_size, "device": str(device),
-               "torch": str(torch.__version__)}
-    if info.is_main:
-        (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
-    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch} iteration {iteration}: "
+def resume(run: Run, model: EMNetEnhancer, optimizer: torch.optim.Optimizer, scheduler, scaler,
+           batches: BatchSource) -> Progress:
+    """Load model_latest.pth into the fresh run's objects (nothing without --resume)."""
+    ckpt, args = run.ckpt, run.args
+    if ckpt is None:
+        return Progress()
+    if ckpt.get("config") != model.config.to_dict():
+        raise UserError(f"--resume: {run.latest_path} was trained as "
+                        f"{describe_config(EnhancerConfig.from_dict(ckpt['config']))}; "
+                        "resume with the same --arch/--embed_dim")
+    check_state_dict(model, ckpt["state_dict"], run.latest_path)
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])  # rank 0's state
+    if run.info.rank > 0:  # other ranks draw their own crops again
+        seed_everything(args.seed + run.info.rank + ckpt["iteration"])
+    batches.load_state_dict(ckpt)
+    return Progress(ckpt["epoch"], ckpt["iteration"], {"psnr": ckpt["best_psnr"], "epoch": ckpt["best_epoch"]})
+
+
+def write_options(run: Run, options: dict[str, Any]) -> None:
+    if run.info.is_main:
+        (run.env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+
+
+def log_start(log: RunLog, run: Run, model: EMNetEnhancer, plan: SchedulePlan, progress: Progress,
+              pairs: tuple[list, list], batches: BatchSource, changed: str | None) -> None:
+    """The run's first log lines: what trains where, from where, for how long."""
+    args, (train_pairs, val_pairs) = run.args, pairs
+    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {progress.epoch} iteration {progress.iteration}: "
              f"{describe_config(model.config)}, {sum(p.numel() for p in model.parameters()):,} params, "
-             f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {iters_per_epoch} it/epoch, "
-             f"{info.world_size} process(es) on {device}, crops drawn "
-             f"{'on the device' if on_device else 'by a DataLoader'}")
+             f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {batches.iters_per_epoch} it/epoch, "
+             f"{run.info.world_size} process(es) on {run.device}, crops drawn "
+             f"{'on the device' if batches.on_device else 'by a DataLoader'}")
     if changed:
         log.line(changed)
-    if plan["budget_s"]:
-        log.line(f"time budget {plan['budget_s'] / 60:g} min ({plan['spent_s']:.0f} s spent before), "
+    if plan.budget_s:
+        log.line(f"time budget {plan.budget_s / 60:g} min ({plan.spent_s:.0f} s spent before), "
                  "learning rate stepped per iteration: " +
-                 (f"the schedule fixed at {plan['total_iters']} iterations continues" if plan["total_iters"]
+                 (f"the schedule fixed at {plan.total_iters} iterations continues" if plan.total_iters
                   else f"the length is fixed after timing {BUDGET_TIMED_STEPS} steps"))
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
-    selects = not is_test_set(args.val_dir)
-    if val_pairs and not selects:
+    if val_pairs and is_test_set(args.val_dir):
         log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
                  "selects a checkpoint (no model_best.pth); drop --val_dir to select on pairs held out of "
                  "--train_dir")
 
-    budget.measure_baseline()  # before the first step: the heap the steps free is validation's to reuse
-    net = FastForward(model)  # the fast path, with gradients through its PyTorch ops
-    ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-           if info.enabled else net)
-    forward = torch.compile(ddp, mode=args.compile_mode) if args.compile else ddp
 
-    writer = CheckpointWriter()
-    nonfinite = NonFiniteLosses(device, info) if on_device else None
-    timer = StepTimer(device)
-    bad_steps, stop = 0, False
-    last_iter = last_iteration(plan, args.max_iters)  # where this call stops
-    if iteration >= last_iter:
-        log.line(f"nothing to train: the run is at iteration {iteration} and stops at {last_iter} "
-                 "(raise --max_iters or --nepoch); checkpoints left as they are")
-        stop = True
-    signals = StopSignals()  # SIGTERM/SIGINT: save this step's checkpoint, then exit 143/130
+def training_forward(model: EMNetEnhancer, run: Run) -> torch.nn.Module:
+    """The training forward: the fast path (gradients through its PyTorch ops), in DDP with
+    several processes, compiled with --compile."""
+    budget.measure_baseline()  # before the first step: the heap the steps free is validation's to reuse
+    net = FastForward(model)
+    device = run.device
+    ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+           if run.info.enabled else net)
+    return torch.compile(ddp, mode=run.args.compile_mode) if run.args.compile else ddp
+
+
+def run_options(run: Run, model: EMNetEnhancer, plan: SchedulePlan, pairs: tuple[list, list],
+                batches: BatchSource) -> dict[str, Any]:
+    """options.yml: the flags and what the run made of them."""
+    train_pairs, val_pairs = pairs
+    return {**vars(run.args), "model": model.config.to_dict(), "train_pairs": len(train_pairs),
+            "val_pairs": [p.name for p in val_pairs], "iters_per_epoch": batches.iters_per_epoch,
+            "total_iters": plan.total_iters, "warmup_iters": plan.warmup_iters, "lr_schedule": plan.lr_schedule,
+            "batches_on_device": batches.on_device, "world_size": run.info.world_size, "device": str(run.device),
+            "torch": str(torch.__version__)}
+
+
+class Trainer:
+    """The steps of one call: `step` trains on a batch; `after_step` fixes a budgeted run's
+    length, logs and says whether to stop; `end_epoch` validates and writes the checkpoints."""
+
+    def __init__(self, run: Run, model: EMNetEnhancer, loss_fn: EnhancementLoss, optimizer: torch.optim.Optimizer,
+                 scheduler: LambdaLR, scaler: torch.amp.GradScaler, plan: SchedulePlan, batches: BatchSource,
+                 progress: Progress, log: RunLog, options: dict[str, Any], val_pairs: list):
+        self.run, self.args, self.model, self.loss_fn = run, run.args, model, loss_fn
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.plan, self.spent_before = plan, plan.spent_s  # spent by earlier calls of a budgeted run
+        self.batches, self.progress, self.log, self.options = batches, progress, log, options
+        self.val_pairs, self.selects = val_pairs, not is_test_set(self.args.val_dir)
+        self.forward = training_forward(model, run)
+        self.writer = CheckpointWriter()
+        self.guard: StepGuard = (DeviceGuard(run.device, run.info, log, optimizer) if batches.on_device
+                                 else HostSyncedGuard(run.device, run.info, log))
+        self.timer = StepTimer(run.device)
+        self.last_iter = last_iteration(plan, self.args.max_iters)  # where this call stops
+        self.tic, self.done_here = 0.0, 0
+        self.signals = StopSignals()  # SIGTERM/SIGINT: save this step's checkpoint, then exit 143/130
+
+    def nothing_to_train(self) -> bool:
+        if self.progress.iteration < self.last_iter:
+            return False
+        self.log.line(f"nothing to train: the run is at iteration {self.progress.iteration} and stops at "
+                      f"{self.last_iter} (raise --max_iters or --nepoch); checkpoints left as they are")
+        return True
+
+    def epoch_batches(self) -> Iterable[Batch]:
+        """The current epoch's batches still to train on (all but those of a resumed epoch)."""
+        p, per_epoch = self.progress, self.batches.iters_per_epoch
+        skip = p.iteration - p.epoch * per_epoch  # >0 only when resuming mid-epoch
+        batches = self.batches.epoch(p.epoch, skip)
+        self.model.train()
+        self.tic, self.done_here = time.perf_counter(), 0
+        self.timer.start_epoch()
+        return tqdm(batches, desc=f"epoch {p.epoch}", leave=False, total=per_epoch - skip,
+                    disable=not self.run.info.is_main)
+
+    def step(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step; returns the loss and its terms."""
+        device, amp_dtype, optimizer = self.run.device, self.run.amp_dtype, self.optimizer
+        low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = self.forward(low)
+        loss, terms = self.loss_fn(out.float().clamp(0, 1), high)
+        optimizer.zero_grad(set_to_none=True)
+        if self.guard.ok(loss, self.progress.iteration):
+            self.scaler.scale(loss).backward()
+            if self.args.grad_clip > 0:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.progress.iteration += 1
+        self.done_here += 1
+        return loss, terms
+
+    def after_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
+        """Fix a budgeted run's length once timed, log at log steps; whether this call stops here."""
+        args, run, iteration = self.args, self.run, self.progress.iteration
+        if self.plan.total_iters is None:
+            self.fix_length()
+        if iteration % args.log_every == 0:
+            self.log_step(loss, terms)
+        if iteration >= self.last_iter:
+            return True
+        if time_is_up(args, run.call_start, run.info, run.device, iteration):
+            self.log.line(f"stopping at iteration {iteration}: --stop_after_minutes {args.stop_after_minutes:g} "
+                          "reached; --resume continues")
+            return True
+        if self.signals.agreed(run.info, run.device, iteration, args.log_every):
+            self.log.line(f"stopping at iteration {iteration}: {self.signals.name} received; "
+                          f"saving {run.latest_path}")
+            return True
+        return False
+
+    def fix_length(self) -> None:
+        """--time_budget: once the first steps are timed, the run's length and its schedule."""
+        sec_per_iter = self.timer.step_done()
+        if sec_per_iter is None:
+            return
+        run, args = self.run, self.args
+        spent = run.seconds_spent(self.spent_before)
+        overhead = (epoch_overhead_seconds(self.model, self.optimizer, self.val_pairs, run.device, args.val_time)
+                    if run.info.is_main else 0.0)  # rank 0 decides the length for all
+        self.plan, self.scheduler = fix_budget(self.plan, sec_per_iter, spent, overhead, self.progress.iteration,
+                                               self.optimizer, args.min_lr, run.device, run.info, self.log)
+        self.last_iter = last_iteration(self.plan, args.max_iters)
+        self.options["total_iters"] = self.plan.total_iters
+        write_options(run, self.options)
+
+    def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        iteration = self.progress.iteration
+        self.guard.check(iteration)
+        loss_value = loss.item()  # the device path's only host sync of the step, at log steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
+                                     **{f"train/{k}": float(v) for k, v in terms.items()}})
+        rate = self.done_here / (time.perf_counter() - self.tic)
+        shown = self.last_iter if self.last_iter < math.inf else "?"
+        self.log.line(f"epoch {self.progress.epoch} iter {iteration}/{shown} loss {loss_value:.4f} "
+                      + " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+                      + f" lr {lr:.2e} {rate:.2f} it/s")
+
+    def end_epoch(self, stop: bool) -> bool:
+        """The end of an epoch or of this call: validation and checkpoints; whether to stop."""
+        p, run = self.progress, self.run
+        epoch_complete = p.iteration == (p.epoch + 1) * self.batches.iters_per_epoch
+        if epoch_complete:
+            p.epoch += 1
+        finished = self.plan.total_iters is not None and p.iteration >= self.plan.total_iters
+        stop = stop or finished or self.signals.agreed(run.info, run.device)
+        self.guard.check(p.iteration)
+        if run.info.is_main:
+            self.save(stop, epoch_complete, finished)
+        barrier(run.info)
+        return stop
+
+    def save(self, stop: bool, epoch_complete: bool, finished: bool) -> None:
+        """Validate when due (and keep model_best.pth), then write model_latest.pth and the
+        --checkpoint epoch's file in the background."""
+        p, args, run = self.progress, self.args, self.run
+        files = []
+        due = p.epoch % args.val_time == 0 or stop
+        if self.signals.requested:  # validate only where an uninterrupted run would: save first
+            due = (epoch_complete and p.epoch % args.val_time == 0) or finished
+        if self.val_pairs and due:
+            means = validate(self.model, self.val_pairs, run.device, args, run.env_dir, p.epoch, self.log, p.iteration)
+            if self.selects and means["psnr"] > p.best["psnr"]:
+                p.best = {"psnr": means["psnr"], "epoch": p.epoch}
+                files.append((run.models_dir / "model_best.pth", payload(self.model, args, p)))
+        self.plan = dataclasses.replace(self.plan, spent_s=run.seconds_spent(self.spent_before))
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": capture_rng_state(), "schedule": self.plan.to_dict()}
+        sampler = self.batches.state_dict()
+        if sampler is not None:
+            state["sampler"] = sampler
+        files.append((run.latest_path, payload(self.model, args, p, state)))
+        if epoch_complete and p.epoch % args.checkpoint == 0:
+            files.append((run.models_dir / f"model_epoch_{p.epoch}.pth", payload(self.model, args, p)))
+        self.writer.save(files)
+
+    def close(self) -> None:
+        self.writer.join()  # never exit with a checkpoint half-way to the disk
+        self.signals.restore()
+
+    def finish(self) -> None:
+        """The last log line; a stop by a signal ends in its exit status."""
+        p, run = self.progress, self.run
+        best_text = (f"best val PSNR {p.best['psnr']:.3f} (epoch {p.best['epoch']})" if self.val_pairs and self.selects
+                     else "no checkpoint selected")
+        self.log.line(f"finished at epoch {p.epoch} iteration {p.iteration}; {best_text}; checkpoints in "
+                      f"{run.models_dir}")
+        self.log.close()
+        cleanup(run.info)
+        self.signals.raise_if_stopped(f"stopped by {self.signals.name} at epoch {p.epoch} iteration {p.iteration}; "
+                                      f"{run.latest_path} holds this step: --resume continues")
+
+
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    the checkpoint (RESUMED_FLAGS)."""
+    run, changed = open_run(args, given, time.monotonic())
+    device, info = run.device, run.info
+    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)  # before any download
+    loss_fn = EnhancementLoss(args.l1_lambda, args.l2_lambda, args.ssim_lambda, args.lpips_lambda,
+                              args.lpips_alexnet, args.lpips_input_range == "-11").to(device)
+    batches = batch_source(args, train_pairs, run)
+    plan = schedule_plan(args, run.ckpt, batches.iters_per_epoch)
+
+    seed_everything(args.seed + info.rank)
+    model = build_model(args, device)
+    optimizer = build_optimizer(args, model, fused=batches.on_device)
+    scheduler = build_schedule(optimizer, plan, args.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    progress = resume(run, model, optimizer, scheduler, scaler, batches)
+
+    log = RunLog(run.env_dir, info.is_main)
+    options = run_options(run, model, plan, (train_pairs, val_pairs), batches)
+    write_options(run, options)
+    log_start(log, run, model, plan, progress, (train_pairs, val_pairs), batches, changed)
+    trainer = Trainer(run, model, loss_fn, optimizer, scheduler, scaler, plan, batches, progress, log, options,
+                      val_pairs)
     try:
+        stop = trainer.nothing_to_train()
         while not stop:
-            skip = iteration - epoch * iters_per_epoch  # >0 only when resuming mid-epoch
-            if on_device:  # the sampler's saved state already stands where the run stopped
-                batches = (crops.sample(args.batch_size) for _ in range(skip, iters_per_epoch))
-                first = skip
-            else:
-                if info.enabled:
-                    sampler.set_epoch(epoch)
-                else:
-                    generator.manual_seed(args.seed + epoch)
-                batches, first = loader, 0
-            model.train()
-            tic, done_here = time.perf_counter(), 0
-            timer.start_epoch()
-            for step, (low, high) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
-                                                    total=iters_per_epoch - first, disable=not info.is_main),
-                                               start=first):
-                if step < skip:
-                    if step == skip - 1 and info.rank == 0:  # skipped batches drew crops: back to the saved RNG
-                        restore_rng_state(ckpt["rng"])
-                    continue
-                low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = forward(low)
-                loss, terms = loss_fn(out.float().clamp(0, 1), high)
-                optimizer.zero_grad(set_to_none=True)
-                step_ok = True
-                if on_device:
-                    optimizer.found_inf = nonfinite.update(loss)  # read by the fused step: no host sync
-                else:  # a host sync every step: skip the step here
-                    loss_value = loss.item()
-                    step_ok = all_ranks_true(info, math.isfinite(loss_value), device)
-                    bad_steps = 0 if step_ok else bad_steps + 1
-                    if not step_ok:
-                        log.line(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
-                        if bad_steps >= MAX_BAD_STEPS:
-                            raise nan_error(bad_steps, iteration + 1)
-                if step_ok:
-                    scaler.scale(loss).backward()
-                    if args.grad_clip > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                scheduler.step()
-                iteration += 1
-                done_here += 1
-                if plan["total_iters"] is None:
-                    sec_per_iter = timer.step_done()
-                    if sec_per_iter is not None:
-                        spent = spent_before + time.monotonic() - call_start
-                        overhead = (epoch_overhead_seconds(model, optimizer, val_pairs, device, args.val_time)
-                                    if info.is_main else 0.0)  # rank 0 decides the length for all
-                        scheduler = fix_budget(plan, sec_per_iter, spent, overhead, iteration, iters_per_epoch,
-                                               optimizer, args.min_lr, device, info, log)
-                        last_iter = last_iteration(plan, args.max_iters)
-                        options["total_iters"] = plan["total_iters"]
-                        if info.is_main:
-                            (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
-                if iteration % args.log_every == 0:
-                    if on_device:
-                        nonfinite.check(log, iteration)
-                        loss_value = loss.item()  # the only host sync of the step, at log steps
-                    lr = optimizer.param_groups[0]["lr"]
-                    log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
-                                            **{f"train/{k}": float(v) for k, v in terms.items()}})
-                    rate = done_here / (time.perf_counter() - tic)
-                    shown = last_iter if last_iter < math.inf else "?"
-                    log.line(f"epoch {epoch} iter {iteration}/{shown} loss {loss_value:.4f} "
-                             + " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
-                             + f" lr {lr:.2e} {rate:.2f} it/s")
-                if iteration >= last_iter:
-                    stop = True
+            for low, high in trainer.epoch_batches():
+                stop = trainer.after_step(*trainer.step(low, high))
+                if stop:
                     break
-                if time_is_up(args, call_start, info, device, iteration):
-                    log.line(f"stopping at iteration {iteration}: --stop_after_minutes {args.stop_after_minutes:g} "
-                             "reached; --resume continues")
-                    stop = True
-                    break
-                if signals.agreed(info, device, iteration, args.log_every):
-                    log.line(f"stopping at iteration {iteration}: {signals.name} received; saving {latest_path}")
-                    stop = True
-                    break
-            epoch_complete = iteration == (epoch + 1) * iters_per_epoch
-            if epoch_complete:
-                epoch += 1
-            finished = plan["total_iters"] is not None and iteration >= plan["total_iters"]
-            stop = stop or finished or signals.agreed(info, device)
-            if on_device:
-                nonfinite.check(log, iteration)
-            if info.is_main:
-                files = []
-                due = epoch % args.val_time == 0 or stop
-                if signals.requested:  # validate only where an uninterrupted run would: save first
-                    due = (epoch_complete and epoch % args.val_time == 0) or finished
-                if val_pairs and due:
-                    means = validate(model, val_pairs, device, args, env_dir, epoch, log, iteration)
-                    if selects and means["psnr"] > best["psnr"]:
-                        best = {"psnr": means["psnr"], "epoch": epoch}
-                        files.append((models_dir / "model_best.pth", payload(model, args, epoch, iteration, best)))
-                plan["spent_s"] = spent_before + time.monotonic() - call_start
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": capture_rng_state(), "schedule": dict(plan)}
-                if on_device:
-                    state["sampler"] = crops.state_dict()
-                files.append((latest_path, payload(model, args, epoch, iteration, best, state)))
-                if epoch_complete and epoch % args.checkpoint == 0:
-                    files.append((models_dir / f"model_epoch_{epoch}.pth", payload(model, args, epoch, iteration, best)))
-                writer.save(files)
-            barrier(info)
+            stop = trainer.end_epoch(stop)  # validation, model_latest.pth (this call's last when stopping)
     finally:
-        writer.join()  # never exit with a checkpoint half-way to the disk
-        signals.restore()
-    best_text = (f"best val PSNR {best['psnr']:.3f} (epoch {best['epoch']})" if val_pairs and selects
-                 else "no checkpoint selected")
-    log.line(f"finished at epoch {epoch} iteration {iteration}; {best_text}; checkpoints in {models_dir}")
-    log.close()
-    cleanup(info)
-    signals.raise_if_stopped(f"stopped by {signals.name} at epoch {epoch} iteration {iteration}; {latest_path} "
-                             "holds this step: --resume continues")
+        trainer.close()
+    trainer.finish()
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ image recalled).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -32,7 +34,7 @@ from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
-from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
+from models.memory import ExternalMemory, MemoryConfig, pooled_value
 from models.options import (
     BUNDLED_ENHANCER,
     HelpFormatter,
@@ -52,7 +54,7 @@ from models.options import (
 )
 from models.provenance import sources_payload
 from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
-from models.refiner import read_settings
+from models.read_settings import ReadSettings
 from utils.allocator import tune_allocator
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
@@ -132,13 +134,13 @@ RESUMED_FLAGS = ("weights", "arch", "embed_dim", "border_margin", "train_dir", "
                  "alpha", "pos_thres", "lr", "nepoch", "val_time", "seed")
 
 
-def read_config(args: argparse.Namespace) -> dict:
-    """The read settings the memory is validated with and stores for test.py; "auto" strength is
-    kept as such until calibrated after training."""
+def read_config(args: argparse.Namespace) -> tuple[ReadSettings, bool]:
+    """The read settings the memory is validated with and stores for test.py, and whether
+    --strength auto asks for the strength to be calibrated after training (the one place "auto"
+    means anything; until then the memory is validated and stored with the release's correction)."""
     auto = args.strength == "auto"
-    read = read_settings({}, args.testing_top_k, args.temperature, None if auto else args.strength,
-                         args.pooling_mean)
-    return {**read, "strength": "auto"} if auto else read
+    flags = argparse.Namespace(**{**vars(args), "strength": None}) if auto else args
+    return ReadSettings().with_flags(flags), auto
 
 
 def memory_config(args: argparse.Namespace, key_dim: int, top_k: int) -> MemoryConfig:
@@ -171,12 +173,12 @@ class ValidationSet:
         self.ori_means = mean_scores(ori_rows, ["ori_psnr", "ori_ssim"])  # the enhancer is frozen
 
     @torch.no_grad()
-    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: dict) -> dict[str, float]:
+    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: ReadSettings) -> dict[str, float]:
         q = self.query.to(memory.key.device)
-        recalled = memory.read(head(q) if head is not None else q, read["top_k"], read["temperature"]).cpu()
+        recalled = read.recall(memory, head(q) if head is not None else q).cpu()
         p = memory.config.pooling_size
-        mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(refine_with_memory(
-            fp.ori[None].float(), r[None], p, read["pooling_mean"], read["strength"]))), fp.high).items()}
+        mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(
+            read.correct(fp.ori[None].float(), r[None], p))), fp.high).items()}
             for fp, r in zip(self.passes, recalled)]
         return {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
 
@@ -226,12 +228,11 @@ def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
     return ckpt["epoch"], ckpt["best"]
 
 
-def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
-    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
-    memory_latest.pth (RESUMED_FLAGS)."""
+def open_run(args: argparse.Namespace, given: set[str] | None) -> tuple[torch.device, Path, str | None]:
+    """The device and the output folder; with --resume the run's flags not given again come from
+    memory_latest.pth (returns the line naming flags given with other values)."""
     device = resolve_device(args.device)
-    env_dir = Path(args.save_dir) / args.env
-    models_dir = writable_dir(env_dir / "models", "--save_dir")
+    models_dir = writable_dir(Path(args.save_dir) / args.env / "models", "--save_dir")
     latest_path = models_dir / "memory_latest.pth"
     remove_stale_temp_files(models_dir)
     if args.resume and not latest_path.is_file():
@@ -240,28 +241,169 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
                if args.resume else None)
     check_border_margin(args.border_margin)
     set_memory_budget(args.max_memory)
-    query_name = args.query_encoder
-    read = read_config(args)
+    return device, models_dir, changed
+
+
+def frozen_query(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The frozen enhancer and the query encoder (--query_encoder) the memory is keyed by."""
     enhancer, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
     enhancer.to(device).requires_grad_(False)
-    encoder = build_query_encoder(query_name, enhancer, args.query_weights).to(device)
-    config = memory_config(args, encoder.dim, read["top_k"])
-    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
-    seed_everything(args.seed)
-    log = RunLog(env_dir, True)
-    cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
-        args.weights, args.border_margin)
-    train_passes = None
-    if args.entries == "images" or read["strength"] == "auto":
+    return enhancer, build_query_encoder(args.query_encoder, enhancer, args.query_weights).to(device)
+
+
+def training_entries(args: argparse.Namespace, enhancer: torch.nn.Module, encoder: torch.nn.Module,
+                     pairs: list[ImagePair], cache: Path, config: MemoryConfig, auto: bool, log: RunLog,
+                     device: torch.device) -> tuple[torch.utils.data.Dataset, list[FrozenPass] | None]:
+    """What the memory is written from (--entries), and the enhancer passes of the training pairs
+    when image entries or --strength auto need them."""
+    passes = None
+    if args.entries == "images" or auto:
         start = time.perf_counter()
-        train_passes = cached_passes(enhancer, train_pairs, device, cache, args.border_margin, "train pairs")
-        log.line(f"enhancer passes of {len(train_pairs)} training pairs ready in {time.perf_counter() - start:.0f} s "
+        passes = cached_passes(enhancer, pairs, device, cache, args.border_margin, "train pairs")
+        log.line(f"enhancer passes of {len(pairs)} training pairs ready in {time.perf_counter() - start:.0f} s "
                  f"(cache {cache})")
     if args.entries == "images":
-        dataset = ImageEntries(image_queries(train_passes, train_pairs, encoder, query_name, device),
-                               train_passes, config.pooling_size)
+        return ImageEntries(image_queries(passes, pairs, encoder, args.query_encoder, device), passes,
+                            config.pooling_size), passes
+    return WithIndex(PairedCrops(pairs, args.train_ps)), passes
+
+
+def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder: torch.nn.Module,
+                   pairs: list[ImagePair], cache: Path, log: RunLog, device: torch.device) -> ValidationSet | None:
+    """The validation pairs through the frozen enhancer (None without any); says in the log
+    what validation will and will not do."""
+    val = None
+    if pairs:
+        passes = cached_passes(enhancer, pairs, device, cache, args.border_margin, "validation pairs")
+        val = ValidationSet(passes, image_queries(passes, pairs, encoder, args.query_encoder, device))
     else:
-        dataset = WithIndex(PairedCrops(train_pairs, args.train_ps))
+        log.line("no validation pairs: memory_best.pth will not be written")
+    if val is not None and is_test_set(args.val_dir):
+        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
+                 "selects a checkpoint (no memory_best.pth); drop --val_dir to select on pairs held out of "
+                 "--train_dir")
+    return val
+
+
+def checkpoint_extra(args: argparse.Namespace, enhancer: torch.nn.Module, pairs: list[ImagePair],
+                     passes: list[FrozenPass] | None) -> dict:
+    """What every checkpoint of the run stores beside the memory: the enhancer that fills it
+    (test.py refuses another), the run's flags and the training images' names and thumbnails."""
+    highs = [fp.high for fp in passes] if passes is not None else [to_uint8(read_pair(pair)[1]) for pair in pairs]
+    return {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
+            "enhancer_fingerprint": enhancer_fingerprint(enhancer),
+            "entries": args.entries, "border_margin": args.border_margin, "options": vars(args),
+            "sources": sources_payload([pair.name for pair in pairs], highs)}
+
+
+class MemoryTrainer:
+    """The epochs of one call: write every batch into the memory (training the query head with
+    --learn_query), validate, checkpoint; a stop signal saves after the batch under way."""
+
+    def __init__(self, args: argparse.Namespace, memory: ExternalMemory, head: QueryHead | None,
+                 optimizer: torch.optim.Optimizer | None, encoder: torch.nn.Module, read: ReadSettings,
+                 data: tuple[DataLoader, torch.Generator], val: ValidationSet | None, extra: dict,
+                 models_dir: Path, best: dict, log: RunLog, device: torch.device):
+        self.args, self.memory, self.head, self.optimizer, self.encoder = args, memory, head, optimizer, encoder
+        self.read, (self.loader, self.generator), self.val, self.extra = read, data, val, extra
+        self.models_dir, self.best, self.log, self.device = models_dir, best, log, device
+        self.latest_path = models_dir / "memory_latest.pth"
+        self.selects = not is_test_set(args.val_dir)
+        self.signals = StopSignals()  # SIGTERM/SIGINT: save after the batch under way, then exit 143/130
+        self.position = MidEpoch(load_checkpoint_file(self.latest_path).get("in_epoch") if args.resume else None)
+
+    def train(self, epoch: int) -> None:
+        """Epochs from `epoch` to --nepoch, or until a stop signal (then exits 143/130)."""
+        stopped_at = ""
+        while epoch < self.args.nepoch:
+            counts, done = self.train_epoch(epoch)
+            if self.signals.requested and done < len(self.loader):
+                stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(self.loader)}"
+                self.log.line(f"stopping {stopped_at}: {self.signals.name} received; saving {self.latest_path}")
+                self.save_latest(epoch, in_epoch=self.position.state(done, **counts))
+                break
+            epoch += 1
+            self.end_epoch(epoch, counts)
+            if self.signals.requested:
+                stopped_at = f"after epoch {epoch}"
+                break
+        self.signals.restore()
+        self.signals.raise_if_stopped(f"stopped by {self.signals.name} {stopped_at}; {self.latest_path} holds "
+                                      "this step: --resume continues")
+
+    def train_epoch(self, epoch: int) -> tuple[dict, int]:
+        """One pass over the loader (the rest of a resumed epoch); its counts and batches done."""
+        counts, done = self.position.start_epoch(self.generator), 0
+        for done, batch in enumerate(tqdm(self.loader, desc=f"epoch {epoch}", leave=False), start=1):
+            if self.position.used_before(done):  # a resumed epoch: batches trained on before the stop
+                continue
+            self.update(batch, counts)
+            if self.signals.requested:
+                break
+        return counts, done
+
+    def update(self, batch: tuple, counts: dict) -> None:
+        """Write one batch into the memory (the update rule), after a step of the query head."""
+        if self.args.entries == "images":
+            query, value, index = (t.to(self.device) for t in batch)
+        else:
+            low, high, index = (t.to(self.device) for t in batch)
+            query, value = self.encoder(low), pooled_value(high, self.memory.config.pooling_size)
+        if self.head is not None:
+            query = self.head(query)
+            loss = threshold_triplet_loss(query, self.memory.key, self.memory.value, value, self.args.pos_thres,
+                                          self.args.alpha)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            counts["losses"].append(loss.item())
+            query = query.detach()
+        hits = self.memory.update(query, value, index)
+        counts["matched"] += int(hits.sum())
+        counts["written"] += len(hits)
+
+    def end_epoch(self, epoch: int, counts: dict) -> None:
+        """Log the epoch, validate when due (keeping memory_best.pth), save memory_latest.pth."""
+        losses, args = counts["losses"], self.args
+        used = int((self.memory.top_index >= 0).sum())
+        self.log.line(f"epoch {epoch}: {counts['matched']}/{counts['written']} queries matched a slot, "
+                      f"{used}/{self.memory.config.mem_size} slots written"
+                      + (f", triplet loss {sum(losses) / len(losses):.4f}" if losses else ""))
+        self.log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": counts["matched"] / max(counts["written"], 1),
+                                 **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
+        if self.val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
+            m = self.val.evaluate(self.memory, self.head, self.read)
+            self.log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
+                          f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
+            self.log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
+            if self.selects and m["mem_psnr"] > self.best["mem_psnr"]:
+                self.best = {**m, "epoch": epoch}
+                save_checkpoint(self.models_dir / "memory_best.pth", memory_payload(
+                    self.memory, epoch, args.query_encoder, self.head,
+                    {**self.extra, "read": self.read.to_checkpoint(), "best": self.best}))
+        self.save_latest(epoch)
+
+    def save_latest(self, epoch: int, **more: Any) -> None:
+        """memory_latest.pth: the memory, how it reads, and what --resume needs (`more`: mid-epoch)."""
+        save_checkpoint(self.latest_path, memory_payload(self.memory, epoch, self.args.query_encoder, self.head, {
+            **self.extra, "read": self.read.to_checkpoint(), "best": self.best, "rng": torch.get_rng_state(),
+            "sampler_rng": self.generator.get_state(),
+            "head_optimizer": self.optimizer.state_dict() if self.optimizer is not None else None, **more}))
+
+
+def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
+    memory_latest.pth (RESUMED_FLAGS)."""
+    device, models_dir, changed = open_run(args, given)
+    read, auto = read_config(args)
+    enhancer, encoder = frozen_query(args, device)
+    config = memory_config(args, encoder.dim, read.top_k)
+    train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
+    seed_everything(args.seed)
+    log = RunLog(models_dir.parent, True)
+    cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
+        args.weights, args.border_margin)
+    dataset, train_passes = training_entries(args, enhancer, encoder, train_pairs, cache, config, auto, log, device)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)),
                         sampler=RandomSampler(dataset, generator=generator), num_workers=args.train_workers,
@@ -272,104 +414,37 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr) if head is not None else None
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
-        epoch, best = restore_run(latest_path, memory, head, optimizer, generator, query_name,
-                                  enhancer_fingerprint(enhancer), args.weights)
-    options = {**vars(args), "query_encoder": query_name, "memory": config.to_dict(), "read": read,
+        epoch, best = restore_run(models_dir / "memory_latest.pth", memory, head, optimizer, generator,
+                                  args.query_encoder, enhancer_fingerprint(enhancer), args.weights)
+    write_options(args, models_dir.parent, config, read, auto, enhancer, train_pairs, val_pairs, device)
+    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
+             f"{config.key_dim} ({args.query_encoder} query{', learned head' if head else ''}, {args.entries} "
+             f"entries), p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
+    if changed:
+        log.line(changed)
+    val = validation_set(args, enhancer, encoder, val_pairs, cache, log, device)
+
+    trainer = MemoryTrainer(args, memory, head, optimizer, encoder, read, (loader, generator), val,
+                            checkpoint_extra(args, enhancer, train_pairs, train_passes), models_dir, best, log, device)
+    trainer.train(epoch)
+    if auto:
+        calibrate_final(memory, head, train_passes, train_pairs, encoder, args.query_encoder, read, models_dir,
+                        val, log, device)
+    elif val is not None and trainer.selects:
+        log.line(f"finished: best val mem PSNR {trainer.best['mem_psnr']:.3f} at epoch {trainer.best['epoch']} "
+                 f"(ori {trainer.best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
+    report_cache(cache, args.clear_cache, log)
+    log.close()
+
+
+def write_options(args: argparse.Namespace, env_dir: Path, config: MemoryConfig, read: ReadSettings, auto: bool,
+                  enhancer: torch.nn.Module, train_pairs: list, val_pairs: list, device: torch.device) -> None:
+    """options.yml: the flags and what the run made of them ("auto" strength until calibrated)."""
+    stored_read = {**read.to_checkpoint(), "strength": "auto"} if auto else read.to_checkpoint()
+    options = {**vars(args), "query_encoder": args.query_encoder, "memory": config.to_dict(), "read": stored_read,
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "device": str(device)}
     (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
-    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
-             f"{config.key_dim} ({query_name} query{', learned head' if head else ''}, {args.entries} entries), "
-             f"p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
-    if changed:
-        log.line(changed)
-    val = None
-    if val_pairs:
-        passes = cached_passes(enhancer, val_pairs, device, cache, args.border_margin, "validation pairs")
-        val = ValidationSet(passes, image_queries(passes, val_pairs, encoder, query_name, device))
-    else:
-        log.line("no validation pairs: memory_best.pth will not be written")
-    selects = not is_test_set(args.val_dir)
-    if val is not None and not selects:
-        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
-                 "selects a checkpoint (no memory_best.pth); drop --val_dir to select on pairs held out of "
-                 "--train_dir")
-    val_read = {**read, "strength": None} if read["strength"] == "auto" else read
-
-    extra = {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
-             "enhancer_fingerprint": enhancer_fingerprint(enhancer),
-             "entries": args.entries, "border_margin": args.border_margin, "options": vars(args),
-             "sources": sources_payload([pair.name for pair in train_pairs], [
-                 fp.high for fp in train_passes] if train_passes is not None else [
-                 to_uint8(read_pair(pair)[1]) for pair in train_pairs])}
-    signals = StopSignals()  # SIGTERM/SIGINT: save after the batch under way, then exit 143/130
-    position = MidEpoch(load_checkpoint_file(latest_path).get("in_epoch") if args.resume else None)
-    stopped_at = ""
-    while epoch < args.nepoch:
-        counts = position.start_epoch(generator)
-        matched, written, losses, done = counts["matched"], counts["written"], counts["losses"], 0
-        for done, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False), start=1):
-            if position.used_before(done):  # a resumed epoch: batches trained on before the stop
-                continue
-            if args.entries == "images":
-                query, value, index = (t.to(device) for t in batch)
-            else:
-                low, high, index = (t.to(device) for t in batch)
-                query, value = encoder(low), pooled_value(high, config.pooling_size)
-            if head is not None:
-                query = head(query)
-                loss = threshold_triplet_loss(query, memory.key, memory.value, value, args.pos_thres, args.alpha)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                query = query.detach()
-            hits = memory.update(query, value, index)
-            matched += int(hits.sum())
-            written += len(hits)
-            if signals.requested:
-                break
-        if signals.requested and done < len(loader):
-            stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(loader)}"
-            log.line(f"stopping {stopped_at}: {signals.name} received; saving {latest_path}")
-            save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head, {
-                **extra, "read": val_read, "best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
-                "head_optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "in_epoch": position.state(done, matched, written, losses)}))
-            break
-        epoch += 1
-        used = int((memory.top_index >= 0).sum())
-        log.line(f"epoch {epoch}: {matched}/{written} queries matched a slot, {used}/{config.mem_size} "
-                 f"slots written" + (f", triplet loss {sum(losses) / len(losses):.4f}" if losses else ""))
-        log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": matched / max(written, 1),
-                            **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
-        if val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
-            m = val.evaluate(memory, head, val_read)
-            log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
-                     f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
-            log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
-            if selects and m["mem_psnr"] > best["mem_psnr"]:
-                best = {**m, "epoch": epoch}
-                save_checkpoint(models_dir / "memory_best.pth", memory_payload(
-                    memory, epoch, query_name, head, {**extra, "read": val_read, "best": best}))
-        state = {"best": best, "rng": torch.get_rng_state(), "sampler_rng": generator.get_state(),
-                 "head_optimizer": optimizer.state_dict() if optimizer is not None else None}
-        save_checkpoint(latest_path, memory_payload(memory, epoch, query_name, head,
-                                                    {**extra, "read": val_read, **state}))
-        if signals.requested:
-            stopped_at = f"after epoch {epoch}"
-            break
-    signals.restore()
-    signals.raise_if_stopped(f"stopped by {signals.name} {stopped_at}; {latest_path} holds this step: "
-                             "--resume continues")
-    if read["strength"] == "auto":
-        calibrate_final(memory, head, train_passes, train_pairs, encoder, query_name, read, models_dir,
-                        val, log, device)
-    elif val is not None and selects:
-        log.line(f"finished: best val mem PSNR {best['mem_psnr']:.3f} at epoch {best['epoch']} "
-                 f"(ori {best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
-    report_cache(cache, args.clear_cache, log)
-    log.close()
 
 
 def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
@@ -384,7 +459,7 @@ def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
 
 
 def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
-                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: dict,
+                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: ReadSettings,
                     models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
     """--strength auto: choose the strength on the training pairs (leave-one-out reads) and store
     it in memory_latest.pth, which is then also memory_best.pth (the validation split is only
@@ -393,12 +468,12 @@ def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list
     if head is not None:
         queries = head(queries).detach()
     strength, curve = calibrate_strength(memory, queries, [fp.ori for fp in passes], [fp.high for fp in passes],
-                                         read["top_k"], read["temperature"], read["pooling_mean"])
+                                         read)
     log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
              ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()) + f" -> {strength}")
-    final = {**read, "strength": strength}
+    final = dataclasses.replace(read, strength=strength)
     ckpt = torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
-    ckpt.update(read=final, calibration={str(s): v for s, v in curve.items()})
+    ckpt.update(read=final.to_checkpoint(), calibration={str(s): v for s, v in curve.items()})
     if val is not None:
         m = val.evaluate(memory, head, final)
         ckpt["best"] = {**m, "epoch": ckpt["epoch"]}

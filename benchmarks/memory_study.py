@@ -55,8 +55,9 @@ from models.calibration import calibrate_strength  # noqa: E402
 from models.frozen_pass import FrozenPass, cache_key, cached_passes, describe_passes  # noqa: E402
 from models.inference import BORDER_MARGIN, MULTIPLE  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
-from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory  # noqa: E402
+from models.memory import ExternalMemory, MemoryConfig, pooled_value  # noqa: E402
 from models.options import BUNDLED_ENHANCER  # noqa: E402
+from models.read_settings import ReadSettings  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -87,6 +88,10 @@ class Variant:
     strength: float | str | None = None
     epochs: int = 40  # passes over the training images ("crops" entries only)
     crop: int = 128
+
+    def read(self, strength: float | None) -> ReadSettings:
+        """How this variant reads its memory once its strength is resolved to `strength`."""
+        return ReadSettings(self.top_k, self.temperature, strength, self.pooling_mean, self.query)
 
 
 VARIANTS = [
@@ -203,7 +208,7 @@ def scores(fp: FrozenPass, recalled: torch.Tensor | None, variant: Variant, stre
     """(PSNR, SSIM) of the corrected output (the plain output when `recalled` is None)."""
     out = fp.ori[None].float()
     if recalled is not None:
-        out = refine_with_memory(out, recalled[None], variant.pooling_size, variant.pooling_mean, strength)
+        out = variant.read(strength).correct(out, recalled[None], variant.pooling_size)
     out8 = to_uint8(tensor_to_image(out))
     return psnr(out8, fp.high), (ssim(out8, fp.high) if with_ssim else math.nan)
 
@@ -310,8 +315,7 @@ def fold_corrections(variant: Variant, train: list[FrozenPass], held: list[Froze
         recalled = list(values)
         if strength == "auto":
             strength, _ = calibrate_strength(memory, describe_passes(train, variant.query),
-                                             [fp.ori for fp in train], [fp.high for fp in train],
-                                             variant.top_k, variant.temperature, variant.pooling_mean)
+                                             [fp.ori for fp in train], [fp.high for fp in train], variant.read(None))
             fitted = {"strength": strength}
         elif strength in ("fitted", "confidence"):
             fitted = fit_strength(variant, memory, train, train_groups)
@@ -428,7 +432,7 @@ def protocol_inflation(variant: Variant, passes: list[FrozenPass], test: list[Fr
     gains = []
 
     def score_epoch(epoch: int, memory: ExternalMemory) -> None:
-        recalled = memory.read(queries, variant.top_k, variant.temperature)
+        recalled = variant.read(None).recall(memory, queries)  # the strength only corrects
         gains.append(float(np.mean([scores(fp, r, variant, variant.strength, False)[0] - o
                                     for fp, r, o in zip(test, recalled, ori)])))
 

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from dataset.paired_folder import read_pair
 from dataset.pairing import ImagePair
+from models import fast
 from models.inference import BORDER_MARGIN, enhance_with_features
-from models.query import describe, feature_statistics
+from models.query import describe
 from utils.checkpoint import save_checkpoint
 from utils.image_io import image_to_tensor, to_uint8
 
@@ -53,7 +54,7 @@ def frozen_pass(enhancer: torch.nn.Module, pair: ImagePair, device: torch.device
     """Run one pair through the enhancer (the same path as `test.py`)."""
     low, high = read_pair(pair)
     y, features = enhance_with_features(enhancer, image_to_tensor(low).to(device), margin)
-    means, stds = feature_statistics(features)
+    means, stds = fast.feature_statistics(features)
     return FrozenPass(pair.name, y[0].half().cpu(), to_uint8(high),
                       [m[0].cpu() for m in means], [s[0].cpu() for s in stds],
                       features[-1][0].half().cpu())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from models.enhancer import ARCH_PRESETS
-from models.fast import budget
+from utils import config
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils.errors import UserError, is_write_fault, register_output, write_error
@@ -102,7 +102,10 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     else:
         p.add_argument("--pooling_size", type=int, default=None,
                        help="p of the memory's values (default: as stored in the memory)")
-    p.add_argument("--pooling_mean", action="store_true", help="one gain for all three channels")
+    p.add_argument("--pooling_mean", action=argparse.BooleanOptionalAction, default=False if training else None,
+                   help="one gain for all three channels" +
+                        ("" if training else " (default: as stored in the memory; --no-pooling_mean turns "
+                                             "a stored one off)"))
     p.add_argument("--testing_top_k", type=int, default=None,
                    help="slots read per query: at validation, and stored in the memory as test.py's "
                         "default (default: 1, the release)" if training else
@@ -139,7 +142,7 @@ def set_memory_budget(gb: float | None) -> None:
     """Apply --max_memory (None: the default); a budget that is not positive is a UserError."""
     if gb is not None and not gb > 0:
         raise UserError(f"--max_memory {gb} must be a positive number of GB")
-    budget.set_max_memory(gb)
+    config.set_max_memory(gb)
 
 
 def add_border_arg(p: argparse.ArgumentParser) -> None:

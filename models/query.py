@@ -21,7 +21,6 @@ from torch import nn
 
 from models import fast
 from models.enhancer import EMNetEnhancer
-from models.fast import spill
 from models.inference import BORDER_MARGIN, pad_for_network
 from utils.errors import UserError
 from utils.pretrained import pretrained_state_dict
@@ -31,19 +30,8 @@ ENHANCER_DESCRIPTORS = {"enhancer": 16, "enhancer_levels": 30}  # name -> width 
 QUERY_ENCODERS = (*ENHANCER_DESCRIPTORS, "resnet18")
 
 
-def feature_statistics(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per encoder level, the mean and the std over space of (B, C_l, h, w) features: two lists
-    of (B, C_l) float32 tensors. Features spilled to disk (photos too large for memory) are read
-    in row chunks (`spill.chunk_statistics`)."""
-    if any(spill.is_spilled(f) for f in features):
-        stats = [spill.chunk_statistics(f) for f in features]
-        return [mean for mean, _ in stats], [std for _, std in stats]
-    flat = [f.float().flatten(2) for f in features]
-    return [f.mean(dim=2) for f in flat], [f.std(dim=2, unbiased=False) for f in flat]
-
-
 def describe(means: list[torch.Tensor], stds: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """The unit-norm descriptor `kind` (B, D) from per-level statistics (`feature_statistics`)."""
+    """The unit-norm descriptor `kind` (B, D) from per-level statistics (`fast.feature_statistics`)."""
     if kind == "enhancer":
         return F.normalize(torch.cat([means[-1], stds[-1]], dim=1), dim=1)
     if kind == "enhancer_levels":
@@ -54,7 +42,7 @@ def describe(means: list[torch.Tensor], stds: list[torch.Tensor], kind: str) -> 
 
 def describe_features(features: list[torch.Tensor], kind: str) -> torch.Tensor:
     """The descriptor `kind` of `forward_features` output (one enhancer pass)."""
-    return describe(*feature_statistics(features), kind)
+    return describe(*fast.feature_statistics(features), kind)
 
 
 class EnhancerQuery(nn.Module):

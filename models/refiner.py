@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,26 +11,21 @@ from torch import nn
 
 from models.enhancer import EMNetEnhancer
 from models.loading import enhancer_fingerprint
-from models.memory import ExternalMemory, refine_with_memory
+from models.memory import ExternalMemory
 from models.provenance import EntrySources
 from models.query import ENHANCER_DESCRIPTORS, EnhancerQuery, QueryHead, build_query_encoder
+from models.read_settings import ReadSettings
 from utils.errors import UserError
 
 
 class MemoryRefiner(nn.Module):
-    """Frozen query encoder (+ optional learned head) and the memory; corrects any enhancer's output.
-
-    Read settings: `top_k` slots weighted by softmax(score / `temperature`); `strength` None = the
-    release's softmax correction, else the gain strength (`refine_with_memory`).
-    """
+    """Frozen query encoder (+ optional learned head) and the memory; corrects any enhancer's
+    output as `read` says."""
 
     def __init__(self, encoder: nn.Module, memory: ExternalMemory, head: QueryHead | None = None,
-                 top_k: int = 1, pooling_mean: bool = False, temperature: float = 1.0,
-                 strength: float | None = None, sources: EntrySources | None = None):
+                 read: ReadSettings = ReadSettings(), sources: EntrySources | None = None):
         super().__init__()
-        self.encoder, self.memory, self.head = encoder, memory, head
-        self.top_k, self.pooling_mean = top_k, pooling_mean
-        self.temperature, self.strength = temperature, strength
+        self.encoder, self.memory, self.head, self.read = encoder, memory, head, read
         self.sources = sources or EntrySources({})
 
     def query(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -50,7 +46,7 @@ class MemoryRefiner(nn.Module):
         """
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
-            return self.memory.read(self.query(low.float(), features), self.top_k, self.temperature)
+            return self.read.recall(self.memory, self.query(low.float(), features))
 
     @torch.no_grad()
     def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
@@ -71,34 +67,12 @@ class MemoryRefiner(nn.Module):
     @torch.no_grad()
     def correct(self, enhanced: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
         """`enhanced` (B, 3, H, W) corrected towards the `recalled` colour, as this memory reads."""
-        return refine_with_memory(enhanced.float(), recalled, self.memory.config.pooling_size,
-                                  self.pooling_mean, self.strength)
+        return self.read.correct(enhanced.float(), recalled, self.memory.config.pooling_size)
 
     def forward(self, low: torch.Tensor, enhanced: torch.Tensor,
                 features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The memory-corrected version of `enhanced`, the enhancer output for `low`."""
         return self.correct(enhanced, self.recall(low, features))
-
-
-def read_settings(ckpt: dict[str, Any], top_k: int | None = None, temperature: float | None = None,
-                  strength: str | None = None, pooling_mean: bool | None = None) -> dict[str, Any]:
-    """How to read a memory: the settings stored in its checkpoint (the release's when none are),
-    overridden by any flag given. `strength` "release" means the softmax correction."""
-    stored = {"top_k": 1, "temperature": 1.0, "strength": None, "pooling_mean": False,
-              **ckpt.get("read", {})}
-    if top_k is not None:
-        stored["top_k"] = top_k
-    if temperature is not None:
-        stored["temperature"] = temperature
-    if strength is not None:
-        try:
-            stored["strength"] = None if strength == "release" else float(strength)
-        except ValueError:
-            raise UserError(f"--strength {strength!r} is neither 'release' nor a number; "
-                            "e.g. --strength release or --strength 0.6") from None
-    if pooling_mean:
-        stored["pooling_mean"] = True
-    return stored
 
 
 def check_enhancer(ckpt: dict[str, Any], path: str | Path, enhancer: EMNetEnhancer,
@@ -126,16 +100,16 @@ def check_enhancer(ckpt: dict[str, Any], path: str | Path, enhancer: EMNetEnhanc
 
 
 def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path,
-                  enhancer: EMNetEnhancer | None, query_encoder: str | None, query_weights: str | None,
-                  top_k: int | None = None, pooling_mean: bool = False, pooling_size: int | None = None,
-                  temperature: float | None = None, strength: str | None = None,
+                  enhancer: EMNetEnhancer | None, read: ReadSettings | None = None,
+                  query_weights: str | None = None, pooling_size: int | None = None,
                   enhancer_path: str | Path | None = None) -> MemoryRefiner:
-    """The refiner of a loaded memory checkpoint (`models.loading.load_memory`), read as its
-    checkpoint says unless flags say otherwise; mismatches with the flags or the enhancer
+    """The refiner of a loaded memory checkpoint (`models.loading.load_memory`), read as `read`
+    says (default: as the checkpoint says); mismatches with the file or the enhancer
     (`check_enhancer`; `enhancer_path` names it in the message) are a UserError naming the file."""
+    read = read or ReadSettings.from_checkpoint(ckpt)
     name = ckpt["query_encoder"]
-    if query_encoder and query_encoder != name:
-        raise UserError(f"memory {path} was written with --query_encoder {name}, not {query_encoder}; "
+    if read.query_encoder not in (None, name):
+        raise UserError(f"memory {path} was written with --query_encoder {name}, not {read.query_encoder}; "
                         f"use --query_encoder {name}")
     if pooling_size and pooling_size != memory.config.pooling_size:
         raise UserError(f"memory {path} stores p = {memory.config.pooling_size} values, but "
@@ -150,19 +124,18 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
     if ckpt.get("head_state_dict"):
         head = QueryHead(encoder.dim)
         head.load_state_dict(ckpt["head_state_dict"])
-    read = read_settings(ckpt, top_k, temperature, strength, pooling_mean)
-    if not 1 <= read["top_k"] <= memory.config.mem_size:
-        raise UserError(f"--testing_top_k {read['top_k']} must be between 1 and the mem_size "
+    if not 1 <= read.top_k <= memory.config.mem_size:
+        raise UserError(f"--testing_top_k {read.top_k} must be between 1 and the mem_size "
                         f"{memory.config.mem_size} of memory {path}")
-    if read["temperature"] <= 0:
-        raise UserError(f"--temperature {read['temperature']} must be positive")
-    return MemoryRefiner(encoder, memory, head, **read, sources=EntrySources(ckpt)).eval()
+    if read.temperature <= 0:
+        raise UserError(f"--temperature {read.temperature} must be positive")
+    return MemoryRefiner(encoder, memory, head, replace(read, query_encoder=name), EntrySources(ckpt)).eval()
 
 
 def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
                        enhancer: EMNetEnhancer | None) -> MemoryRefiner:
-    """`build_refiner` for the memory `args.mem_weights` with the flags of
-    `models.options.add_memory_args`, as every script that reads a memory takes them."""
-    return build_refiner(memory, ckpt, args.mem_weights, enhancer, args.query_encoder, args.query_weights,
-                         args.testing_top_k, args.pooling_mean, args.pooling_size, args.temperature,
-                         args.strength, getattr(args, "weights", None))
+    """`build_refiner` for the memory `args.mem_weights` read as it stores, overridden by the
+    flags of `models.options.add_memory_args`, as every script that reads a memory takes them."""
+    read = ReadSettings.from_checkpoint(ckpt).with_flags(args)
+    return build_refiner(memory, ckpt, args.mem_weights, enhancer, read, args.query_weights,
+                         args.pooling_size, getattr(args, "weights", None))

@@ -84,10 +84,15 @@ def make_pairs(tmp_path):
     return make
 
 
+DDP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_repo(*argv: str | Path, timeout: float = 180,
              env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python ARGV...` in the repo root, as users run the scripts, with the allocator setting."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    """`python ARGV...` in the repo root, as users run the scripts, with the allocator setting and
+    none of torchrun's variables (a plain run must not think it is part of a process group)."""
+    env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True,

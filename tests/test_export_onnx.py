@@ -4,6 +4,8 @@ for the whole test session), and ONNX Runtime's outputs must match test.py's cod
 (`models.inference.enhance_with_features` and `MemoryRefiner`) on a 600x400 image and on odd-sized ones."""
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from models.inference import enhance_with_features
 from models.loading import ENHANCER_FORMAT, enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
 from models.query import describe_features
+from models.read_settings import ReadSettings
 from models.refiner import build_refiner
 from utils.checkpoint import save_checkpoint
 
@@ -81,9 +84,11 @@ def test_onnx_matches_pytorch(files, flags):
     margin = int(opts.get("--border_margin", 8))
     enhancer, _ = load_enhancer(files["weights"])
     memory, ckpt = load_memory(files["mem_weights"])
-    refiner = build_refiner(memory, ckpt, files["mem_weights"], enhancer, None, None,
-                            int(opts["--testing_top_k"]) if "--testing_top_k" in opts else None,
-                            strength=opts.get("--strength"))
+    given = argparse.Namespace(testing_top_k=int(opts["--testing_top_k"]) if "--testing_top_k" in opts else None,
+                               temperature=None, strength=opts.get("--strength"), pooling_mean=None,
+                               query_encoder=None)
+    refiner = build_refiner(memory, ckpt, files["mem_weights"], enhancer,
+                            ReadSettings.from_checkpoint(ckpt).with_flags(given))
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["low"]
     assert [o.name for o in session.get_outputs()] == ["ori", "mem"]

@@ -165,7 +165,7 @@ def test_row_strips_equal_whole_maps(arch, dim, with_kernels):
 def test_inference_over_the_budget_runs_in_strips(monkeypatch):
     """When the whole image does not fit the memory budget, `enhance` runs row strips (same
     result); with gradients enabled it never does."""
-    from models.fast import budget
+    from utils import config
     from models.inference import enhance
 
     model = perturbed("emnet_tiny", 8, seed=7)
@@ -174,12 +174,12 @@ def test_inference_over_the_budget_runs_in_strips(monkeypatch):
     calls = []
     original = RowStrips.block
     monkeypatch.setattr(RowStrips, "block", lambda self, *a: calls.append(1) or original(self, *a))
-    budget.set_max_memory(1e-6)
+    config.set_max_memory(1e-6)
     try:
         with pytest.warns(UserWarning, match="over the 0.0 GB budget"):
             striped = enhance(model, x)
     finally:
-        budget.set_max_memory(None)
+        config.set_max_memory(None)
     assert calls, "the strip runner was not used"
     assert (striped - plain).abs().max().item() <= TOL
 
@@ -216,19 +216,20 @@ def test_cpu_budget_counts_the_process_baseline_once(monkeypatch):
     """On the CPU the budget bounds the process: the memory held before the first forward is taken
     off it, measured once (memory the heap keeps after a forward does not shrink later budgets)."""
     from models.fast import budget
+    from utils import config
 
     cpu = torch.device("cpu")
     resident = iter([2**30, 3 * 2**30])
     monkeypatch.setattr(budget, "_resident_bytes", lambda: next(resident))
-    monkeypatch.setattr(budget, "_baseline_bytes", None)
-    budget.set_max_memory(3)
+    monkeypatch.setattr(config, "_baseline_bytes", None)
+    config.set_max_memory(3)
     try:
         assert budget.budget_bytes(cpu) == 2 * 2**30
         assert budget.budget_bytes(cpu) == 2 * 2**30
-        budget.set_max_memory(0.5)
+        config.set_max_memory(0.5)
         assert budget.budget_bytes(cpu) == 0
     finally:
-        budget.set_max_memory(None)
+        config.set_max_memory(None)
 
 
 def test_budget_picks_whole_maps_or_strips_by_measured_costs(monkeypatch):

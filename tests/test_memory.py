@@ -32,6 +32,7 @@ from models.query import (
     build_query_encoder,
     threshold_triplet_loss,
 )
+from models.read_settings import ReadSettings
 from models.refiner import build_refiner
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
@@ -479,7 +480,7 @@ def test_memory_checkpoint_round_trip(tmp_path, with_head):
     for name, buf in mem.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], buf), name
     assert ckpt["query_encoder"] == "enhancer" and ckpt["epoch"] == 7 and ckpt["best"] == {"mem_psnr": 1.5}
-    refiner = build_refiner(loaded, ckpt, path, enhancer, None, None, 1, False)
+    refiner = build_refiner(loaded, ckpt, path, enhancer, ReadSettings(top_k=1))
     if with_head:
         assert torch.equal(ckpt["head_state_dict"]["proj.weight"], head.proj.weight)
         assert torch.equal(refiner.head.proj.weight, head.proj.weight)
@@ -530,7 +531,8 @@ def enhancer_memory(tmp_path):
 
 def refiner_error(mem, ckpt, path, enhancer, query_encoder=None, top_k=1, pooling_size=None) -> str:
     with pytest.raises(UserError) as err:
-        build_refiner(mem, ckpt, path, enhancer, query_encoder, None, top_k, False, pooling_size)
+        build_refiner(mem, ckpt, path, enhancer, ReadSettings(top_k=top_k, query_encoder=query_encoder),
+                      pooling_size=pooling_size)
     assert str(path) in str(err.value), str(err.value)
     return str(err.value)
 
@@ -538,7 +540,8 @@ def refiner_error(mem, ckpt, path, enhancer, query_encoder=None, top_k=1, poolin
 def test_build_refiner_accepts_matching_flags(enhancer_memory):
     """The matching flags (and k = mem_size) build a refiner that corrects an image."""
     mem, ckpt, path, enhancer = enhancer_memory
-    refiner = build_refiner(mem, ckpt, path, enhancer, "enhancer", None, 16, False, 1)
+    refiner = build_refiner(mem, ckpt, path, enhancer, ReadSettings(top_k=16, query_encoder="enhancer"),
+                            pooling_size=1)
     x = torch.rand(1, 3, 24, 40)
     out = refiner(x, enhance(enhancer, x))
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
@@ -688,7 +691,7 @@ def test_mem_image_is_the_refiner_output(setup, tested):
     model, _ = load_enhancer(setup["weights"])
     path = setup["save"] / "plain" / "models" / "memory_best.pth"
     mem, ckpt = load_memory(path)
-    refiner = build_refiner(mem, ckpt, path, model, None, None, 1, False)
+    refiner = build_refiner(mem, ckpt, path, model, ReadSettings(top_k=1))
     x = image_to_tensor(read_image(setup["val"] / "low" / "x.png"))
     expect = to_uint8(tensor_to_image(refiner(x, enhance(model, x))))
     got = to_uint8(read_image(tested["plain"]["result"] / "mem" / "x.png"))
@@ -802,9 +805,9 @@ def test_train_memory_bad_top_k_or_mem_size(flags):
 
     args = get_args_parser().parse_args(["--mem_size", "32", *flags])
     with pytest.raises(UserError, match="--testing_top_k"):
-        memory_config(args, 128, read_config(args)["top_k"])
+        memory_config(args, 128, read_config(args)[0].top_k)
     ok = get_args_parser().parse_args(["--mem_size", "32", "--testing_top_k", "32", "--pooling_size", "2"])
-    assert memory_config(ok, 128, read_config(ok)["top_k"]) == MemoryConfig(
+    assert memory_config(ok, 128, read_config(ok)[0].top_k) == MemoryConfig(
         mem_size=32, key_dim=128, pooling_size=2, threshold=1e-5)
 
 

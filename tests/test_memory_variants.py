@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
 from models.calibration import calibrate_strength
+from models.read_settings import ReadSettings
 from models.loading import ENHANCER_FORMAT, load_memory
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
 from utils.checkpoint import save_checkpoint
@@ -107,7 +108,7 @@ def twin_set(good: bool):
 def test_calibrated_strength_trusts_a_good_recall_and_switches_off_a_bad_one(good):
     keys, values, ori, high = twin_set(good)
     mem = filled_memory(keys, values)
-    strength, curve = calibrate_strength(mem, F.normalize(keys, dim=1), ori, high, 1, 1.0, False)
+    strength, curve = calibrate_strength(mem, F.normalize(keys, dim=1), ori, high, ReadSettings())
     assert set(curve) >= {0.0, 1.0}
     if good:
         assert strength == 1.0 and curve[1.0] > curve[0.0] + 3

@@ -13,7 +13,6 @@ from conftest import random_enhancer
 from models import fast
 from models.enhancer import EMNetEnhancer, make_config
 from models.fast import budget, spill, strips
-from models.query import feature_statistics
 from utils.errors import UserError
 
 pytestmark = pytest.mark.skipif(not spill.available(), reason="spilling needs Linux (shared file maps, madvise)")
@@ -74,7 +73,7 @@ def test_spilled_strips_equal_whole_maps(tmp_path, monkeypatch):
         ref = fast.forward_features(model, x, whole)
         feats = fast.forward_features(model, x, spilled)
         assert all(spill.is_spilled(f) for f in feats)
-        for a, b in zip(feature_statistics(ref), feature_statistics(feats)):
+        for a, b in zip(fast.feature_statistics(ref), fast.feature_statistics(feats)):
             torch.testing.assert_close(torch.cat(b, dim=1), torch.cat(a, dim=1), atol=1e-5, rtol=1e-5)
         out = fast.forward_head(model, x, feats, spilled)
         torch.testing.assert_close(out, fast.forward_head(model, x, ref, whole), atol=TOL, rtol=0)

@@ -602,6 +602,7 @@ def test_validation_of_a_600x400_image_runs_whole_under_the_default_budget(tmp_p
     ran) is validation's to reuse: with the default budget (4 GB here on any machine) validation of
     a 600x400 pair runs whole, not in strips spilled to disk under a 0.0 GB budget as it did."""
     from models.fast import budget, policy
+    from utils import config
 
     train = make_structured_pairs(tmp_path / "train", ["t1", "t2"], size=(40, 40))
     val = make_structured_pairs(tmp_path / "val", ["v1"], size=(400, 600))
@@ -609,7 +610,7 @@ def test_validation_of_a_600x400_image_runs_whole_under_the_default_budget(tmp_p
     real_rss, real_plan, plans = budget._resident_bytes, policy.plan_strips, []
     monkeypatch.setattr(budget, "_resident_bytes", lambda: real_rss() + (5 << 30 if made and made[0].calls else 0))
     monkeypatch.setattr(budget, "_available_bytes", lambda: 64 << 30)
-    monkeypatch.setattr(budget, "_baseline_bytes", None)
+    monkeypatch.setattr(config, "_baseline_bytes", None)
     monkeypatch.delenv("EMNET_MAX_MEMORY_GB", raising=False)
 
     def recorded_plan(model, x):

@@ -8,15 +8,15 @@ Set EMNET_NO_DOWNLOAD=1 to forbid downloads (the tests do).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils import config
+from utils.config import NO_DOWNLOAD_ENV
 from utils.errors import UserError
 
-NO_DOWNLOAD_ENV = "EMNET_NO_DOWNLOAD"
 
 
 def hub_checkpoint_dir() -> Path:
@@ -48,7 +48,7 @@ def pretrained_state_dict(url: str, path: str | None, model: str, needed_by: str
         return _load(cached, model, flag)
     where = (f"{needed_by} needs ImageNet {model} weights: download {url} where there is internet and "
              f"save it as {cached} (or pass {flag} PATH), or {fallback}")
-    if os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
+    if not config.downloads_allowed():
         raise UserError(f"{where} ({NO_DOWNLOAD_ENV} is set, so nothing is downloaded)")
     try:
         return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -67,14 +68,35 @@ def epoch_warmup_cosine(optimizer: torch.optim.Optimizer, warmup_epochs: int, ne
     return LambdaLR(optimizer, factor, last_epoch=start_iter - 1)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, plan: dict[str, Any], min_lr: float,
+@dataclass(frozen=True)
+class SchedulePlan:
+    """A run's length and learning-rate curve: `total_iters` is None while a --time_budget run
+    has not timed itself yet (`fix_budget` then returns the plan with its length); `budget_s` and
+    the `spent_s` of earlier calls for budgeted runs. Saved in model_latest.pth as a dict."""
+
+    budget_s: float | None
+    spent_s: float
+    total_iters: int | None
+    warmup_iters: int
+    lr_schedule: str
+    iters_per_epoch: int
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> SchedulePlan:
+        return cls(**{f.name: stored[f.name] for f in fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, plan: SchedulePlan, min_lr: float,
                    start_iter: int = 0) -> LambdaLR:
     """The scheduler of a `schedule_plan`: per epoch or per iteration as its `lr_schedule` says."""
-    if plan["lr_schedule"] == "epoch":
-        per = plan["iters_per_epoch"]
-        return epoch_warmup_cosine(optimizer, plan["warmup_iters"] // per, plan["total_iters"] // per, per,
+    if plan.lr_schedule == "epoch":
+        per = plan.iters_per_epoch
+        return epoch_warmup_cosine(optimizer, plan.warmup_iters // per, plan.total_iters // per, per,
                                    min_lr, start_iter)
-    return warmup_cosine(optimizer, plan["warmup_iters"], plan["total_iters"], min_lr, start_iter)
+    return warmup_cosine(optimizer, plan.warmup_iters, plan.total_iters, min_lr, start_iter)
 
 
 def resolve_lr_schedule(asked: str | None, time_budget: float, stored: str | None) -> str:
@@ -116,9 +138,8 @@ def iterations_for_budget(budget_s: float, spent_s: float, done_iters: int, sec_
     return total
 
 
-def schedule_plan(args: argparse.Namespace, ckpt: dict[str, Any] | None, iters_per_epoch: int) -> dict[str, Any]:
-    """The run's length: `total_iters` (None while a budgeted run has not timed itself yet),
-    `warmup_iters`, and for --time_budget runs `budget_s` and the `spent_s` of earlier calls.
+def schedule_plan(args: argparse.Namespace, ckpt: dict[str, Any] | None, iters_per_epoch: int) -> SchedulePlan:
+    """The run's length (`SchedulePlan`).
 
     A budgeted run keeps, on --resume, the budget and length it started with (a --time_budget
     given again replaces the budget only while the length is open); an epoch run takes --nepoch
@@ -128,46 +149,46 @@ def schedule_plan(args: argparse.Namespace, ckpt: dict[str, Any] | None, iters_p
     lr_schedule = resolve_lr_schedule(getattr(args, "lr_schedule", None), args.time_budget,
                                       stored.get("lr_schedule", "iteration") if ckpt is not None else None)
     if stored.get("budget_s"):
-        plan = {**stored, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
-        if plan["total_iters"] is None and args.time_budget:
-            plan["budget_s"] = args.time_budget * 60
+        plan = SchedulePlan.from_dict({**stored, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch})
+        if plan.total_iters is None and args.time_budget:
+            plan = replace(plan, budget_s=args.time_budget * 60)
         return plan
     if ckpt is not None and args.time_budget:
         raise UserError("--time_budget on --resume of a run trained by epochs: its schedule is fixed; "
                         "drop --time_budget or start a new --env")
     warmup_iters = args.warmup_epochs * iters_per_epoch if args.warmup else 0
     if args.time_budget:
-        return {"budget_s": args.time_budget * 60, "spent_s": 0.0, "total_iters": None,
-                "warmup_iters": warmup_iters, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
-    return {"budget_s": None, "spent_s": 0.0, "total_iters": args.nepoch * iters_per_epoch,
-            "warmup_iters": warmup_iters, "lr_schedule": lr_schedule, "iters_per_epoch": iters_per_epoch}
+        return SchedulePlan(args.time_budget * 60, 0.0, None, warmup_iters, lr_schedule, iters_per_epoch)
+    return SchedulePlan(None, 0.0, args.nepoch * iters_per_epoch, warmup_iters, lr_schedule, iters_per_epoch)
 
 
-def last_iteration(plan: dict[str, Any], max_iters: int) -> float:
+def last_iteration(plan: SchedulePlan, max_iters: int) -> float:
     """Where this call stops: the schedule's end or --max_iters; inf while the length is open."""
-    ends = [n for n in (plan["total_iters"], max_iters) if n]
+    ends = [n for n in (plan.total_iters, max_iters) if n]
     return min(ends) if ends else math.inf
 
 
-def fix_budget(plan: dict[str, Any], sec_per_iter: float, spent_s: float, overhead_s: float, iteration: int,
-               iters_per_epoch: int, optimizer: torch.optim.Optimizer, min_lr: float, device: torch.device,
-               info: DistInfo, log: RunLog) -> LambdaLR:
+def fix_budget(plan: SchedulePlan, sec_per_iter: float, spent_s: float, overhead_s: float, iteration: int,
+               optimizer: torch.optim.Optimizer, min_lr: float, device: torch.device,
+               info: DistInfo, log: RunLog) -> tuple[SchedulePlan, LambdaLR]:
     """Fix a budgeted run's length from its measured speed and `overhead_s` between epochs (rank
-    0's, on every rank) and return the schedule that ends there, continuing at `iteration`."""
+    0's, on every rank): the plan with its length and the schedule that ends there, continuing
+    at `iteration`."""
     total = torch.full((), -1, dtype=torch.int64, device=device)  # -1: the budget is too small
     error = UserError("the time budget is too small (rank 0 says why)")
+    per_epoch = plan.iters_per_epoch
     if info.is_main:
         try:
-            total.fill_(iterations_for_budget(plan["budget_s"], spent_s, iteration, sec_per_iter,
-                                              plan["warmup_iters"], overhead_s, iters_per_epoch))
+            total.fill_(iterations_for_budget(plan.budget_s, spent_s, iteration, sec_per_iter,
+                                              plan.warmup_iters, overhead_s, per_epoch))
             log.line(f"time budget: {sec_per_iter:.4f} s/iteration, {overhead_s:.2f} s between epochs, "
                      f"{spent_s:.0f} s spent: {int(total)} iterations in all "
-                     f"({int(total) / iters_per_epoch:.1f} epochs, warm-up {plan['warmup_iters']})")
+                     f"({int(total) / per_epoch:.1f} epochs, warm-up {plan.warmup_iters})")
         except UserError as err:
             error = err
     if info.enabled:
         dist.broadcast(total, src=0)  # every rank trains the same length (or stops together)
     if int(total) < 0:
         raise error
-    plan["total_iters"] = int(total)
-    return warmup_cosine(optimizer, plan["warmup_iters"], plan["total_iters"], min_lr, start_iter=iteration)
+    fixed = replace(plan, total_iters=int(total))
+    return fixed, warmup_cosine(optimizer, fixed.warmup_iters, fixed.total_iters, min_lr, start_iter=iteration)

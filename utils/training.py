@@ -1,9 +1,11 @@
-"""Pieces of the training loop that keep an accelerator busy: non-finite losses counted on the
-device (no host sync per step), the timing of steps for --time_budget, the stop of a call."""
+"""Pieces of the training loop: the guard against non-finite losses (host-synced, or counted on
+the device with no host sync per step), the timing of steps for --time_budget, the stop of a call."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,38 +24,70 @@ def nan_error(count: int, iteration: int) -> UserError:
                      "lower --lr_initial, use --amp bf16/none, or check the data")
 
 
-class NonFiniteLosses:
+class StepGuard(Protocol):
+    """Skips the steps whose loss is not finite and stops the run after MAX_BAD_STEPS in a row."""
+
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
+        """Whether to step on `loss`, the loss of iteration `iteration` + 1."""
+
+    def check(self, iteration: int) -> None:
+        """Report skipped steps and stop a run that diverged (log steps and epoch ends)."""
+
+
+class HostSyncedGuard:
+    """Reads every step's loss on the host (a sync per step) and skips a non-finite one here,
+    every rank the same step; the DataLoader path's guard, with the optimizer's default step."""
+
+    def __init__(self, device: torch.device, info: DistInfo, log: RunLog):
+        self.device, self.info, self.log = device, info, log
+        self.bad_steps = 0
+
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
+        step_ok = all_ranks_true(self.info, math.isfinite(loss.item()), self.device)
+        self.bad_steps = 0 if step_ok else self.bad_steps + 1
+        if not step_ok:
+            self.log.line(f"iteration {iteration + 1}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise nan_error(self.bad_steps, iteration + 1)
+        return step_ok
+
+    def check(self, iteration: int) -> None:
+        """Nothing to do: `ok` checked every step as it ran."""
+
+
+class DeviceGuard:
     """Non-finite losses counted on the device, so that a step needs no host sync.
 
-    `update` returns the step's `found_inf` flag (any rank): the fused Adam(W) skips a flagged
+    `ok` hands the step's `found_inf` flag (any rank) to the fused Adam(W), which skips a flagged
     update on the device, the contract GradScaler uses. `check`, at log steps and epoch ends, reads
     the counts, logs skipped steps and raises after MAX_BAD_STEPS in a row: up to --log_every
-    iterations later than the DataLoader path, which checks every step, but the skipped steps
-    leave the weights and the optimizer's moments as they were, so nothing is lost meanwhile.
+    iterations later than the host-synced guard, but the skipped steps leave the weights and the
+    optimizer's moments as they were, so nothing is lost meanwhile.
     """
 
-    def __init__(self, device: torch.device, info: DistInfo):
-        self.info = info
+    def __init__(self, device: torch.device, info: DistInfo, log: RunLog, optimizer: torch.optim.Optimizer):
+        self.info, self.log, self.optimizer = info, log, optimizer
         self.streak = torch.zeros((), device=device)  # current run of non-finite losses
         self.longest = torch.zeros((), device=device)  # longest run since the last check
         self.count = torch.zeros((), device=device)  # non-finite losses since the last check
 
-    def update(self, loss: torch.Tensor) -> torch.Tensor:
+    def ok(self, loss: torch.Tensor, iteration: int) -> bool:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.info.enabled:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
         self.streak = (self.streak + 1) * bad
         self.longest = torch.maximum(self.longest, self.streak)
         self.count += bad
-        return bad
+        self.optimizer.found_inf = bad  # read by the fused step: no host sync
+        return True
 
-    def check(self, log: RunLog, iteration: int) -> None:
+    def check(self, iteration: int) -> None:
         count, longest = (int(v) for v in torch.stack([self.count, self.longest]).tolist())
         self.count.zero_()
         self.longest.copy_(self.streak)
         if count:
-            log.line(f"iteration {iteration}: {count} non-finite loss(es) since the last report, "
-                     f"steps skipped (at most {longest} in a row)")
+            self.log.line(f"iteration {iteration}: {count} non-finite loss(es) since the last report, "
+                          f"steps skipped (at most {longest} in a row)")
         if longest >= MAX_BAD_STEPS:
             raise nan_error(longest, iteration)
 

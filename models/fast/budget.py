@@ -9,7 +9,7 @@ The fast forward's peak memory grows with the pixels and the embedding width C. 
   strips on wider maps have proportionally fewer pixels).
 When even the held maps exceed the budget, they are spilled to disk (`spill.py`): then only the
 strip and the 3-channel maps (input, output) stay in memory, RESIDENT_BYTES per pixel.
-The budget is `--max_memory` GB (`set_max_memory`), else `EMNET_MAX_MEMORY_GB`, else on the CPU
+The budget is `--max_memory` GB, else the environment's (`utils.config.max_memory_gb`), else on the CPU
 min(4 GB, half the memory available), on CUDA 80 % of the free device memory. On the CPU it bounds
 the whole process: what the process held before its first forward (PyTorch, the weights: ~0.8 GB)
 is taken off it.
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from models.fast import spill
+from utils import config
 
 WHOLE_BYTES = 300  # per pixel and channel of C, whole-image forward (the worst case measured)
 HELD_BYTES = 45  # per pixel and channel of C, maps held whole by the strip runner
@@ -34,24 +35,11 @@ RESIDENT_BYTES = 64  # per pixel (not per channel): input, output and their copi
 MIN_STRIP, MAX_STRIP = 2 ** 17, 2 ** 18
 CPU_DEFAULT_GB = 4.0
 
-_max_memory_gb: float | None = None
-_baseline_bytes: int | None = None  # resident memory before the first CPU forward
-
-
-def set_max_memory(gb: float | None) -> None:
-    """The budget in GB for this process (None: the default)."""
-    global _max_memory_gb
-    if gb is not None and gb <= 0:
-        raise ValueError(f"the memory budget must be positive, got {gb} GB")
-    _max_memory_gb = gb
-
-
 def measure_baseline() -> None:
     """Take what this process holds now as the part the budget does not cover. The trainers call
     it before their first step: the heap those steps free and keep (GLIBC_TUNABLES/mallopt: never
     trimmed) is reused by the validation forwards, and counting it left them no budget at all."""
-    global _baseline_bytes
-    _baseline_bytes = _resident_bytes()
+    config.set_baseline_bytes(_resident_bytes())
 
 
 def _available_bytes() -> int | None:
@@ -76,8 +64,7 @@ def _resident_bytes() -> int:
 
 def budget_bytes(device: torch.device) -> float:
     """The memory the forward of one batch may use on `device`."""
-    global _baseline_bytes
-    gb = _max_memory_gb if _max_memory_gb is not None else float(os.environ.get("EMNET_MAX_MEMORY_GB", 0) or 0)
+    gb = config.max_memory_gb()
     if device.type == "cuda":
         return gb * 2 ** 30 if gb else 0.8 * torch.cuda.mem_get_info(device)[0]
     if gb:
@@ -85,9 +72,9 @@ def budget_bytes(device: torch.device) -> float:
     else:
         available = _available_bytes()
         total = min(CPU_DEFAULT_GB * 2 ** 30, available / 2) if available else CPU_DEFAULT_GB * 2 ** 30
-    if _baseline_bytes is None:  # measured once: later, freed forward memory kept by the heap would count
-        _baseline_bytes = _resident_bytes()
-    return max(total - _baseline_bytes, 0.0)
+    if config.baseline_bytes() is None:  # measured once: later, freed forward memory kept by the heap would count
+        config.set_baseline_bytes(_resident_bytes())
+    return max(total - config.baseline_bytes(), 0.0)
 
 
 def plan_strips(model: nn.Module, x: torch.Tensor) -> tuple[int, bool] | None:

@@ -11,7 +11,7 @@ import ctypes
 import sys
 from functools import lru_cache
 
-_last_shape: tuple[int, ...] | None = None
+from utils import config
 
 
 @lru_cache(maxsize=None)
@@ -26,9 +26,7 @@ def _malloc_trim():
 
 def settle(shape: tuple[int, ...]) -> bool:
     """Call before a CPU forward of an input of `shape`; True when the heap was trimmed."""
-    global _last_shape
-    changed = _last_shape is not None and shape != _last_shape
-    _last_shape = shape
+    changed = config.input_shape_changed(shape)
     trim = _malloc_trim()
     if changed and trim is not None:
         trim(0)

@@ -4,13 +4,13 @@ here) and oneDNN's matrix product for the 1x1 convs. Whether they run is `policy
 Why: on a CPU, PyTorch's depthwise conv (oneDNN) runs at about a fifth of the machine's peak, the
 GDFN gate gelu(a) * b costs two more passes over the widest tensors of the network, and the BLAS
 call behind F.linear is ~1.3x slower than oneDNN's product for the network's tall, narrow
-matrices. The kernels in `models/csrc/dwconv.c` keep each pixel's channels in vector registers and
+matrices. The kernels in `models/fast/csrc/dwconv.c` keep each pixel's channels in vector registers and
 fuse the gate.
 
 The C library is compiled once per machine with the system C compiler (`$CC`, else `cc`, `gcc` or
-`clang`) into `$EMNET_KERNEL_CACHE` (default `~/.cache/emnet-pytorch`), checked against PyTorch on
-a small input, and loaded with ctypes. Without a compiler, if the check fails, or with
-`EMNET_CPU_KERNELS=0`, `library()` is None and the fast path uses PyTorch ops: same outputs, slower.
+`clang`) into the kernel cache (`utils.config.kernel_cache_dir`, default `~/.cache/emnet-pytorch`), checked
+against PyTorch on a small input, and loaded with ctypes. Without a compiler, if the check fails,
+or with the kernels switched off (`utils.config.cpu_kernels_enabled`), `library()` is None and the fast path uses PyTorch ops: same outputs, slower.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from utils import config
+
 SOURCE = Path(__file__).with_name("csrc") / "dwconv.c"
 CHANNEL_MULTIPLE = 16  # the kernels handle 16 channels per vector: other counts use PyTorch ops
 # Tried in order: the first that compiles and passes the check is used.
@@ -37,17 +39,6 @@ FLAG_SETS = (
     ("-O3", "-mcpu=native"),
     ("-O3",),
 )
-
-
-def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emnet-pytorch"
-    return Path(os.environ.get("EMNET_KERNEL_CACHE", default))
-
-
-def enabled() -> bool:
-    """False when EMNET_CPU_KERNELS=0: both the C kernels and oneDNN's products are off."""
-    return os.environ.get("EMNET_CPU_KERNELS", "1") != "0"
 
 
 def _compiler() -> str | None:
@@ -98,7 +89,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or fail the check."""
-    if not enabled():
+    if not config.cpu_kernels_enabled():
         return None
     compiler = _compiler()
     if compiler is None:
@@ -108,7 +99,7 @@ def library() -> ctypes.CDLL | None:
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        path = cache_dir() / f"dwconv-{key}.so"
+        path = config.kernel_cache_dir() / f"dwconv-{key}.so"
         if not path.exists() and not _build(compiler, flags, path):
             continue
         try:
@@ -178,8 +169,8 @@ def _passes_check(lib: ctypes.CDLL) -> bool:
 @lru_cache(maxsize=None)
 def onednn_available() -> bool:
     """oneDNN's fp32 matrix product (the op PyTorch's compiler emits for CPU linears) is in this
-    build of PyTorch and agrees with F.linear. Off with EMNET_CPU_KERNELS=0."""
-    if not enabled() or not torch.backends.mkldnn.is_available():
+    build of PyTorch and agrees with F.linear. Off with the CPU kernels (`utils.config`)."""
+    if not config.cpu_kernels_enabled() or not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
     x, w, r = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)

@@ -23,6 +23,7 @@ from torch import nn
 
 from models.fast import kernels
 from models.fast.budget import plan_strips
+from utils import config
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def plan_for(model: nn.Module, x: torch.Tensor, strip_pixels: int | None = None,
     of N pixels (`spill`: held maps on disk)."""
     grad = needs_grad(model, x)
     traced = torch.compiler.is_compiling()  # torch.compile: plain PyTorch ops on whole maps, which it fuses
-    cpu_fast = (x.device.type == "cpu" and x.dtype == torch.float32 and not grad and kernels.enabled()
+    cpu_fast = (x.device.type == "cpu" and x.dtype == torch.float32 and not grad and config.cpu_kernels_enabled()
                 and not torch.is_autocast_enabled("cpu") and not traced)  # the kernels are float32, eager only
     if strip_pixels is None and not grad and not traced:
         strip_pixels, spill = plan_strips(model, x) or (0, False)

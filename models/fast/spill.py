@@ -7,7 +7,7 @@ has read or written back with `release` (madvise MADV_DONTNEED). The data stay i
 kernel's page cache, written to disk when memory is short), so only the strip being worked on
 counts in the process's memory. Reading a released row again faults it back in from the cache.
 
-The folder is `EMNET_SPILL_DIR`, else the system's temporary folder, unless that lives in memory
+The folder is the one the environment names (`utils.config.spill_dir_override`), else the system's temporary folder, unless that lives in memory
 (tmpfs, as /tmp on Fedora or Arch: spilling there would save nothing), then /var/tmp. Its space is
 reserved when a map is made (posix_fallocate), so a full disk is a clear error, not a crash on a
 write.
@@ -21,6 +21,7 @@ import weakref
 
 import torch
 
+from utils import config
 from utils.errors import UserError
 
 PAGE = mmap.PAGESIZE
@@ -54,7 +55,7 @@ def filesystem_of(folder: str, mounts: str = "/proc/mounts") -> str | None:
 
 def spill_dir() -> str:
     """The folder spilled maps are written to."""
-    chosen = os.environ.get("EMNET_SPILL_DIR")
+    chosen = config.spill_dir_override()
     if chosen:
         return chosen
     folder = tempfile.gettempdir()

@@ -2,11 +2,11 @@
 `WholeMaps` (here: each step on whole (B, H, W, C) maps) and `strips.RowStrips` (each step over
 row strips, for photos whose activations do not fit in memory at once).
 
-A runner provides four steps: `stage` (a sequence of transformer blocks), `conv3x3` (a 3x3 conv,
-optionally followed by a pixel (un)shuffle), `merge` (upsample, concatenate the skip connection,
-optionally reduce with a 1x1 conv) and `output` (the last 3x3 conv plus the input image).
+A runner (`Runner`) provides the four steps the wiring is made of.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -15,6 +15,22 @@ from models.enhancer import EMNetEnhancer
 from models.fast.blocks import block
 from models.fast.ops import linear, to_nchw, to_nhwc
 from models.fast.policy import Plan
+
+
+class Runner(Protocol):
+    """How the U-Net's steps are computed on channels-last (B, H, W, C) maps."""
+
+    def stage(self, blocks: nn.Sequential, t: torch.Tensor) -> torch.Tensor:
+        """A sequence of transformer blocks."""
+
+    def conv3x3(self, conv: nn.Conv2d, t: torch.Tensor, shuffle: nn.Module | None = None) -> torch.Tensor:
+        """A 3x3 conv, optionally followed by a pixel (un)shuffle."""
+
+    def merge(self, up: nn.Sequential, d: torch.Tensor, skip: torch.Tensor, reduce: nn.Conv2d | None) -> torch.Tensor:
+        """Upsample `d`, concatenate the skip connection, optionally reduce with a 1x1 conv."""
+
+    def output(self, conv: nn.Conv2d, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The last 3x3 conv plus the input image: (B, 3, H, W)."""
 
 
 class WholeMaps:
@@ -41,7 +57,7 @@ class WholeMaps:
         return conv(to_nchw(d)) + x
 
 
-def features(model: EMNetEnhancer, x: torch.Tensor, run) -> list[torch.Tensor]:
+def features(model: EMNetEnhancer, x: torch.Tensor, run: Runner) -> list[torch.Tensor]:
     """Encoder features [e1, e2, e3, latent] as (B, H, W, C) maps."""
     feats = [run.stage(model.encoder_level1, run.conv3x3(model.patch_embed.proj, to_nhwc(x)))]
     for down, level in ((model.down1_2, model.encoder_level2), (model.down2_3, model.encoder_level3),
@@ -51,7 +67,7 @@ def features(model: EMNetEnhancer, x: torch.Tensor, run) -> list[torch.Tensor]:
     return feats
 
 
-def head(model: EMNetEnhancer, x: torch.Tensor, feats: list[torch.Tensor], run) -> torch.Tensor:
+def head(model: EMNetEnhancer, x: torch.Tensor, feats: list[torch.Tensor], run: Runner) -> torch.Tensor:
     """Decoder, refinement and global residual from `features`: (B, 3, H, W)."""
     e1, e2, e3, latent = feats
     d = run.stage(model.decoder_latent, latent)
