@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 
@@ -68,6 +69,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--photo", required=True)
     p.add_argument("--weights", default="pre_trained_logs/enhancer/emnet_small16_lolv1_cpu.pth")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.pairing import find_pairs  # noqa: E402
 from utils import headless  # noqa: E402
+from utils.allocator import tune_allocator  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.image_io import write_image  # noqa: E402
 from utils.pictures import write_pictures  # noqa: E402
@@ -77,6 +78,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--photos", type=int, default=100)
     p.add_argument("--size", default="600x400", help="WxH of each photo")
