@@ -87,16 +87,29 @@ def make_pairs(tmp_path):
 DDP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_repo(*argv: str | Path, timeout: float = 180,
-             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python ARGV...` in the repo root, as users run the scripts, with the allocator setting and
-    none of torchrun's variables (a plain run must not think it is part of a process group)."""
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment a script runs in: ours with the allocator setting, `extra`, and none of
+    torchrun's variables (a plain run must not think it is part of a process group)."""
     env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env.update(extra)
+    return env
+
+
+def run_script(*argv: str | Path, timeout: float = 180, env_extra: dict[str, str] | None = None,
+               preexec_fn=None) -> subprocess.CompletedProcess:
+    """`python ARGV...` in the repo root, as users run the scripts, in `script_env(**env_extra)`;
+    `preexec_fn` runs in the child before it starts (a resource limit)."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=script_env(**(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def assert_ran(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The run exited 0 without a traceback (its output's tail shown otherwise); returns it."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
 
 
 def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
@@ -110,6 +123,16 @@ def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+def write_enhancer_checkpoint(path: Path, model: EMNetEnhancer | None = None, arch: str = "emnet_tiny",
+                              dim: int = 8, **extra) -> Path:
+    """`model` (default: random_enhancer(arch, dim)) saved as our enhancer checkpoint at `path`;
+    `extra` adds entries (epoch) or replaces them (state_dict)."""
+    model = random_enhancer(arch, dim) if model is None else model
+    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch, "config": model.config.to_dict(),
+                           "state_dict": model.state_dict(), **extra})
+    return path
 
 
 @pytest.fixture
@@ -128,8 +151,7 @@ def make_checkpoint(tmp_path):
         path = Path(folder or tmp_path) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "ours":
-            save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch,
-                                   "config": model.config.to_dict(), "state_dict": sd, "epoch": epoch})
+            write_enhancer_checkpoint(path, model, arch, state_dict=sd, epoch=epoch)
         elif fmt == "published":
             if module_prefix:
                 sd = {f"module.{k}": v for k, v in sd.items()}

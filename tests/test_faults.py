@@ -33,10 +33,8 @@ from test_train_enhancer import (
 )
 
 import train_enhancer
-from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
-from models.loading import ENHANCER_FORMAT
+from conftest import REPO, run_script, write_enhancer_checkpoint, write_png
 from utils.atomic import atomic_write, atomic_write_many
-from utils.checkpoint import save_checkpoint
 from utils.errors import Stopped, register_output, write_error
 
 
@@ -45,10 +43,10 @@ def limited(limit_bytes: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
 
-def run_script(*argv, limit_bytes: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", GLIBC_TUNABLES=GLIBC_TUNABLES, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=limited(limit_bytes) if limit_bytes else None)
+def run_limited(*argv, limit_bytes: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """conftest.run_script on one thread; with `limit_bytes`, the child may write no larger file."""
+    return run_script(*argv, timeout=timeout, env_extra={"OMP_NUM_THREADS": "1"},
+                      preexec_fn=limited(limit_bytes) if limit_bytes else None)
 
 
 def temporary_files(folder: Path) -> list[Path]:
@@ -62,11 +60,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def weights(tmp_path) -> Path:
-    model = random_enhancer("emnet_tiny", 8)
-    path = tmp_path / "tiny.pth"
-    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny", "config": model.config.to_dict(),
-                           "state_dict": model.state_dict(), "epoch": 0})
-    return path
+    return write_enhancer_checkpoint(tmp_path / "tiny.pth", epoch=0)
 
 
 def noisy_pairs(root: Path, names, size=(32, 48), seed=0) -> Path:
@@ -146,22 +140,22 @@ def test_test_py_under_a_size_limit_keeps_the_previous_results(tmp_path, weights
     summary.json leaves the previous metrics.csv, summary.json and result.txt (all three)."""
     first = noisy_pairs(tmp_path / "first", ["1", "2"], seed=1)
     result = tmp_path / "result"
-    proc = run_script("test.py", "--weights", weights, "--input_dir", first, "--result_dir", result,
-                      "--save_images", "--pictures", "--device", "cpu")
+    proc = run_limited("test.py", "--weights", weights, "--input_dir", first, "--result_dir", result,
+                       "--save_images", "--pictures", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     before = snapshot(result)
     assert {"metrics.csv", "summary.json", "result.txt", "index.html", "ori/1.png"} <= set(before)
 
     second = noisy_pairs(tmp_path / "second", ["1", "2"], seed=2)
-    proc = run_script("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
-                      "--save_images", "--pictures", "--device", "cpu", limit_bytes=2048)
+    proc = run_limited("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
+                       "--save_images", "--pictures", "--device", "cpu", limit_bytes=2048)
     line = assert_user_error(proc, result / "ori" / "1.png", allow_noise=("enhance",))
     assert "File too large (EFBIG)" in line and "--result_dir" in line
     assert snapshot(result) == before
     assert temporary_files(result) == []
 
-    proc = run_script("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
-                      "--device", "cpu", limit_bytes=900)  # metrics.csv (~0.2 kB) fits, summary.json (~1.1 kB) not
+    proc = run_limited("test.py", "--weights", weights, "--input_dir", second, "--result_dir", result,
+                       "--device", "cpu", limit_bytes=900)  # metrics.csv (~0.2 kB) fits, summary.json (~1.1 kB) not
     line = assert_user_error(proc, result / "summary.json", allow_noise=("enhance",))
     assert "EFBIG" in line
     assert snapshot(result) == before
@@ -184,14 +178,14 @@ def test_video_and_onnx_under_a_size_limit(tmp_path, weights):
     out = tmp_path / "out"
     for ext in (".mp4", ".avi"):
         dst = out / f"enhanced{ext}"
-        proc = run_script("enhance_video.py", "--input", clip, "--output", dst, "--weights", weights,
-                          "--arch", "emnet_tiny", "--embed_dim", "8", "--device", "cpu", limit_bytes=20000)
+        proc = run_limited("enhance_video.py", "--input", clip, "--output", dst, "--weights", weights,
+                           "--arch", "emnet_tiny", "--embed_dim", "8", "--device", "cpu", limit_bytes=20000)
         line = assert_user_error(proc, dst, allow_noise=("enhance",))
         assert "EFBIG" in line and "--output" in line
         assert not dst.exists() and temporary_files(out) == []
     pytest.importorskip("onnx")
     onnx_path = out / "tiny.onnx"
-    proc = run_script("export_onnx.py", "--weights", weights, "--output", onnx_path, limit_bytes=20000)
+    proc = run_limited("export_onnx.py", "--weights", weights, "--output", onnx_path, limit_bytes=20000)
     line = assert_user_error(proc, onnx_path)
     assert "EFBIG" in line and "--output" in line
     assert not onnx_path.exists() and temporary_files(out) == []
@@ -219,14 +213,14 @@ def test_full_disk_during_test_py_and_training(full_tmpfs, tmp_path, weights):
     and nothing temporary is left."""
     pairs = noisy_pairs(tmp_path / "pairs", ["1", "2", "3"], size=(64, 96))
     result = full_tmpfs / "result"
-    proc = run_script("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
-                      "--device", "cpu")
+    proc = run_limited("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
+                       "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     before = snapshot(result)
     free = os.statvfs(full_tmpfs)
     (full_tmpfs / "filler").write_bytes(b"\0" * max(free.f_bavail * free.f_frsize - 12 * 1024, 0))
-    proc = run_script("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
-                      "--save_images", "--device", "cpu")
+    proc = run_limited("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
+                       "--save_images", "--device", "cpu")
     line = assert_user_error(proc, result, allow_noise=("enhance",))
     assert "No space left on device (ENOSPC)" in line and "free space on" in line and "--result_dir" in line
     assert snapshot(result) == before and temporary_files(full_tmpfs) == []
@@ -483,7 +477,7 @@ def test_sigterm_during_test_py_leaves_complete_files_and_a_rerun_finishes(tmp_p
     assert temporary_files(result) == [] and not (result / "metrics.csv").exists()
     for png in (result / "ori").glob("*.png"):
         assert cv2.imread(str(png)) is not None, png
-    proc = run_script("test.py", *argv)
+    proc = run_limited("test.py", *argv)
     assert proc.returncode == 0, proc.stderr
     assert len((result / "metrics.csv").read_text().splitlines()) == 5
     assert sorted(p.name for p in (result / "ori").iterdir()) == ["1.png", "2.png", "3.png", "4.png"]
@@ -508,7 +502,7 @@ def test_sigterm_during_enhance_video_and_export_onnx_leaves_no_output(tmp_path,
     flags = ("--output", dst, "--weights", weights, "--arch", "emnet_tiny", "--embed_dim", "8", "--device", "cpu")
     stop_while_writing(start_script("enhance_video.py", "--input", clips["long"], *flags), out, ".enhanced.tmp.mp4")
     assert list(out.iterdir()) == []
-    proc = run_script("enhance_video.py", "--input", clips["short"], *flags)
+    proc = run_limited("enhance_video.py", "--input", clips["short"], *flags)
     assert proc.returncode == 0 and dst.is_file(), proc.stderr
     dst.unlink()
 
@@ -517,7 +511,7 @@ def test_sigterm_during_enhance_video_and_export_onnx_leaves_no_output(tmp_path,
     argv = ("--weights", weights, "--output", onnx_path)
     stop_while_writing(start_script("export_onnx.py", *argv, prelude=SLOW_FSYNC), out, ".tiny.onnx.*.tmp")
     assert list(out.iterdir()) == []
-    proc = run_script("export_onnx.py", *argv)
+    proc = run_limited("export_onnx.py", *argv)
     assert proc.returncode == 0 and onnx_path.is_file(), proc.stderr
 
 
@@ -534,12 +528,12 @@ def test_second_run_into_a_locked_result_folder_is_refused(tmp_path, weights):
     result.mkdir()
     holder = FolderLock(result, "--result_dir")
     argv = ("--weights", weights, "--input_dir", pairs, "--result_dir", result, "--save_images", "--device", "cpu")
-    proc = run_script("test.py", *argv)
+    proc = run_limited("test.py", *argv)
     line = assert_user_error(proc, result / LOCK_NAME)
     assert f"held by process {os.getpid()}" in line and "--result_dir" in line
     assert [p.name for p in result.iterdir()] == [LOCK_NAME]
     holder.release()
-    proc = run_script("test.py", *argv)
+    proc = run_limited("test.py", *argv)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 import yaml
 from test_test_cli import assert_user_error, read_csv
 
-from conftest import published_memory, random_enhancer, run_repo, write_png
+from conftest import published_memory, random_enhancer, run_script, write_enhancer_checkpoint, write_png
 from models.enhancer import EMNetEnhancer, make_config
 from models.inference import enhance
-from models.loading import ENHANCER_FORMAT, load_enhancer, load_memory, memory_payload
+from models.loading import load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value, refine_with_memory
 from models.query import (
     RESNET18_URL,
@@ -45,7 +45,7 @@ def run_py(script: str, *args: str | Path, env_extra: dict[str, str] | None = No
            timeout: float = 180) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in the repo root, one thread unless OMP_NUM_THREADS says otherwise."""
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return run_repo(script, *args, timeout=timeout, env_extra={**threads, **(env_extra or {})})
+    return run_script(script, *args, timeout=timeout, env_extra={**threads, **(env_extra or {})})
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -593,10 +593,7 @@ def write_pairs(root: Path, names, size, seed) -> Path:
 def setup(tmp_path_factory) -> dict:
     """A tiny enhancer checkpoint, 4 training pairs (64x64) and 2 validation pairs (odd 59x77)."""
     tmp = tmp_path_factory.mktemp("memory_e2e")
-    model = random_enhancer("emnet_tiny", 8, seed=0)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 3})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", epoch=3)
     return {"tmp": tmp, "weights": weights, "train": write_pairs(tmp / "train", "abcd", (64, 64), 1),
             "val": write_pairs(tmp / "val", "xy", (59, 77), 2), "save": tmp / "runs"}
 

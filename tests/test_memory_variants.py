@@ -4,33 +4,18 @@ read settings a memory carries to test.py, and the study itself on a tiny enhanc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GLIBC_TUNABLES, REPO, random_enhancer, write_png
+from conftest import assert_ran, run_script, write_enhancer_checkpoint, write_png
 from models.calibration import calibrate_strength
-from models.read_settings import ReadSettings
-from models.loading import ENHANCER_FORMAT, load_memory
+from models.loading import load_memory
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
-from utils.checkpoint import save_checkpoint
+from models.read_settings import ReadSettings
 from utils.stats import bootstrap_ci
-
-
-def run_py(script: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def filled_memory(keys: torch.Tensor, values: torch.Tensor, mem_size: int = 8) -> ExternalMemory:
@@ -132,10 +117,7 @@ def test_bootstrap_interval():
 def tiny_setup(tmp_path_factory) -> dict:
     """A tiny enhancer and 8 structured pairs of 136x144 (large enough for 128-px crops)."""
     tmp = tmp_path_factory.mktemp("variants")
-    model = random_enhancer("emnet_tiny", 8, seed=0)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 1})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", epoch=1)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:136, 0:144] / 144
     for i in range(8):
@@ -152,7 +134,7 @@ def test_memory_study_runs_every_image_once_and_resumes(tiny_setup):
     args = ["--weights", tiny_setup["weights"], "--train_dir", tiny_setup["data"], "--folds", "2",
             "--no_ssim", "--cache_dir", tmp / "cache", "--out", tmp / "study", "--device", "cpu",
             "--variants", "published", "images, k=8, T=0.01, calibrated"]
-    proc = ok(run_py("benchmarks/memory_study.py", *args))
+    proc = assert_ran(run_script("benchmarks/memory_study.py", *args, timeout=900))
     report = json.loads((tmp / "study" / "study.json").read_text())
     names = [r["variant"] for r in report["rows"]]
     assert names[:4] == ["bound: oracle recall, softmax", "bound: oracle recall, full gain",
@@ -171,7 +153,7 @@ def test_memory_study_runs_every_image_once_and_resumes(tiny_setup):
     cached = sorted((tmp / "cache").rglob("*.pt"))
     assert len(cached) == 8
     stamps = [p.stat().st_mtime_ns for p in cached]
-    ok(run_py("benchmarks/memory_study.py", *args))
+    assert_ran(run_script("benchmarks/memory_study.py", *args, timeout=900))
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # the second run read the cache
 
 
@@ -180,10 +162,10 @@ def test_train_memory_image_entries_calibrated_and_read_by_test_py(tiny_setup):
     """--entries images --strength auto: one slot per training pair, the calibrated strength and
     its curve stored in the memory; test.py reads with the stored settings and reports them."""
     tmp = tiny_setup["tmp"]
-    ok(run_py("train_memory.py", "--pretrain_weights", tiny_setup["weights"], "--train_dir", tiny_setup["data"],
-              "--val_percent", "30", "--entries", "images", "--query_encoder", "enhancer", "--strength", "auto", "--testing_top_k", "3",
-              "--temperature", "0.05", "--nepoch", "1", "--mem_size", "16", "--save_dir", tmp / "runs",
-              "--env", "img", "--device", "cpu"))
+    assert_ran(run_script("train_memory.py", "--pretrain_weights", tiny_setup["weights"], "--train_dir", tiny_setup["data"],
+                          "--val_percent", "30", "--entries", "images", "--query_encoder", "enhancer", "--strength", "auto",
+                          "--testing_top_k", "3", "--temperature", "0.05", "--nepoch", "1", "--mem_size", "16",
+                          "--save_dir", tmp / "runs", "--env", "img", "--device", "cpu", timeout=900))
     mem, ckpt = load_memory(tmp / "runs" / "img" / "models" / "memory_best.pth")
     n_train = int((mem.top_index >= 0).sum())
     assert 0 < n_train < 8 and ckpt["entries"] == "images"
@@ -191,13 +173,13 @@ def test_train_memory_image_entries_calibrated_and_read_by_test_py(tiny_setup):
     assert read["top_k"] == 3 and read["temperature"] == 0.05 and isinstance(read["strength"], float)
     assert set(ckpt["calibration"]) >= {"0.0", "1.0"}
     result = tmp / "result"
-    ok(run_py("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
-              "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
-              "--device", "cpu"))
+    assert_ran(run_script("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
+                          "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
+                          "--device", "cpu", timeout=900))
     summary = json.loads((result / "summary.json").read_text())
     assert (summary["testing_top_k"], summary["temperature"]) == (3, 0.05)
     assert summary["strength"] == read["strength"] and summary["border_margin"] == 8
-    proc = run_py("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
-                  "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
-                  "--device", "cpu", "--strength", "lots")
+    proc = run_script("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
+                      "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
+                      "--device", "cpu", "--strength", "lots", timeout=900)
     assert proc.returncode == 2 and "--strength 'lots'" in proc.stderr and "Traceback" not in proc.stderr

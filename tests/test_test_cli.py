@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, run_repo, write_png
+from conftest import REPO, run_script, write_png
 from models.inference import enhance
 from models.loading import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
@@ -25,7 +25,7 @@ METRIC_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr"]
 
 
 def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return run_repo("test.py", *args, timeout=timeout)
+    return run_script("test.py", *args, timeout=timeout)
 
 
 def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -76,17 +76,11 @@ def small_input(make_pairs) -> Path:
 def main_run(lol_root, tmp_path_factory):
     """test.py --save_images on 2 real eval15 pairs with our-format emnet_tiny/8 weights, into a
     result folder that already holds a user's files."""
-    from conftest import random_enhancer
-    from models.loading import ENHANCER_FORMAT
-    from utils.checkpoint import save_checkpoint
+    from conftest import write_enhancer_checkpoint
 
     tmp = tmp_path_factory.mktemp("main_run")
     data = copy_eval_pairs(lol_root, tmp / "eval")
-    model = random_enhancer("emnet_tiny", 8, seed=0)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict(),
-                              "epoch": 5})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", epoch=5)
     result = tmp / "results"
     (result / "ori").mkdir(parents=True)
     (result / "notes.txt").write_text("keep me")
@@ -364,8 +358,8 @@ def test_lpips_without_weights_offline(small_input, make_checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     result = tmp_path / "r"
-    proc = run_repo("test.py", "--weights", weights, "--input_dir", small_input, "--result_dir", result,
-                    "--lpips", env_extra={"TORCH_HOME": str(home), "EMNET_NO_DOWNLOAD": "1"})
+    proc = run_script("test.py", "--weights", weights, "--input_dir", small_input, "--result_dir", result,
+                      "--lpips", env_extra={"TORCH_HOME": str(home), "EMNET_NO_DOWNLOAD": "1"})
     error = assert_user_error(proc, "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")
     assert str(home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in error
     assert "--lpips_alexnet" in error and "drop --lpips" in error
