@@ -18,7 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
-from models.loading import ENHANCER_FORMAT  # noqa: E402
+from models.loading import ENHANCER_FORMAT, memory_payload  # noqa: E402
+from models.memory import ExternalMemory, MemoryConfig  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 
 # The suite never downloads (ImageNet backbones come from random-weight local files); passed on
@@ -172,6 +173,39 @@ def published_memory(path: Path, n: int, width: int, key_dim: int = 512, seed: i
                 "mem_vale": torch.rand(n, width, generator=g), "mem_age": torch.zeros(n),
                 "mem_index": torch.full((n,), -1, dtype=torch.long)}, path)
     return path
+
+
+def tiny_memory(key_dim=128, mem_size=16, p=1, seed=0) -> ExternalMemory:
+    """A memory with random keys, values, ages and sample indices (some slots unwritten)."""
+    g = torch.Generator().manual_seed(seed)
+    mem = ExternalMemory(MemoryConfig(mem_size=mem_size, key_dim=key_dim, pooling_size=p, threshold=0.01,
+                                      age_noise=2.0), g)
+    mem.age.copy_(torch.randint(0, 50, (mem_size,), generator=g).float())
+    mem.top_index.copy_(torch.randint(-1, 100, (mem_size,), generator=g))
+    return mem
+
+
+def save_memory(path: Path, mem: ExternalMemory, head=None, query_encoder="enhancer", extra=None) -> Path:
+    """`mem` saved as train_memory.py saves it (epoch 7), with `extra` entries."""
+    save_checkpoint(path, memory_payload(mem, 7, query_encoder, head, extra or {}))
+    return path
+
+
+def filled_memory(keys: torch.Tensor, values: torch.Tensor, mem_size: int = 8) -> ExternalMemory:
+    """A memory whose first len(keys) slots were written by samples 0..n-1."""
+    mem = ExternalMemory(MemoryConfig(mem_size=mem_size, key_dim=keys.shape[1]), torch.Generator().manual_seed(0))
+    mem.update(F.normalize(keys, dim=1), values, torch.arange(len(keys)))
+    return mem
+
+
+def grey(*levels: float) -> torch.Tensor:
+    """RGB values with the three channels equal, one row per level."""
+    return torch.tensor([[v] * 3 for v in levels], dtype=torch.float32)
+
+
+def unit(*rows) -> torch.Tensor:
+    """The rows, each normalised to unit length."""
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
 
 
 def random_backbone_file(folder: Path, model: str, seed: int) -> Path:

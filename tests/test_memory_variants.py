@@ -1,6 +1,6 @@
-"""The memory variants the K-fold study ranks: leave-one-out and written-only reads, temperature,
-the gain-strength correction and its calibration, whole-image entries in train_memory.py, the
-read settings a memory carries to test.py, and the study itself on a tiny enhancer."""
+"""The memory variants the K-fold study ranks: the gain strength's calibration, the bootstrap
+interval, whole-image entries in train_memory.py, the read settings a memory carries to test.py,
+and the study itself on a tiny enhancer (the reads and the strength they use: test_memory_bank.py)."""
 from __future__ import annotations
 
 import json
@@ -10,64 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_ran, run_script, write_enhancer_checkpoint, write_png
+from conftest import assert_ran, filled_memory, run_script, write_enhancer_checkpoint, write_png
 from models.calibration import calibrate_strength
 from models.loading import load_memory
-from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
 from models.read_settings import ReadSettings
 from utils.stats import bootstrap_ci
 
-
-def filled_memory(keys: torch.Tensor, values: torch.Tensor, mem_size: int = 8) -> ExternalMemory:
-    """A memory whose first len(keys) slots were written by samples 0..n-1."""
-    mem = ExternalMemory(MemoryConfig(mem_size=mem_size, key_dim=keys.shape[1]), torch.Generator().manual_seed(0))
-    mem.update(F.normalize(keys, dim=1), values, torch.arange(len(keys)))
-    return mem
-
-
-# ------------------------------------------------------------------------------------- reads
-
-def test_read_skips_unwritten_slots():
-    """Random never-written slots are not recalled, even when a query points at one of them."""
-    mem = filled_memory(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.2, 0.3, 0.4]]))
-    written = mem.top_index >= 0
-    query = F.normalize(mem.key[~written][:1], dim=1)  # exactly an unwritten key
-    assert torch.equal(mem.read(query), mem.value[written])
-
-
-def test_read_leave_one_out_masks_the_samples_own_slots():
-    keys = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
-    values = torch.tensor([[0.1] * 3, [0.5] * 3, [0.9] * 3])
-    mem = filled_memory(keys, values)
-    q = F.normalize(keys, dim=1)
-    assert torch.equal(mem.read(q), values)  # each finds itself
-    loo = mem.read(q, exclude=torch.arange(3))
-    assert torch.equal(loo, values[[1, 0, 1]])  # each finds its nearest other sample
-
-
-def test_read_temperature_sharpens_topk_weights():
-    """softmax(score / T): T -> 0 approaches the top-1 value; the release's T = 1 averages
-    nearly uniformly over close cosine scores."""
-    keys = torch.tensor([[1.0, 0.0], [0.9, 0.436], [0.7, 0.714]])
-    values = torch.tensor([[0.1] * 3, [0.5] * 3, [0.9] * 3])
-    mem = filled_memory(keys, values)
-    q = torch.tensor([[1.0, 0.0]])
-    sharp, flat = mem.read(q, 3, 0.01), mem.read(q, 3, 1.0)
-    assert abs(sharp[0, 0] - 0.1) < 0.01
-    assert abs(flat[0, 0] - values[:, 0].mean()) < 0.1
-
-
-# -------------------------------------------------------------------------------- correction
-
-def test_strength_zero_is_identity_and_one_reaches_the_recalled_colour():
-    y = torch.rand(1, 3, 8, 10, generator=torch.Generator().manual_seed(0)) * 0.5
-    m = torch.tensor([[0.3, 0.35, 0.4]])
-    assert torch.equal(refine_with_memory(y, m, 1, strength=0.0), y)
-    full = refine_with_memory(y, m, 1, strength=1.0)
-    torch.testing.assert_close(full.mean(dim=(2, 3)), m, atol=1e-5, rtol=0)
-    half = refine_with_memory(y, m, 1, strength=0.5).mean(dim=(2, 3))
-    torch.testing.assert_close(half, (y.mean(dim=(2, 3)) + m) / 2, atol=1e-5, rtol=0)
-
+# ------------------------------------------------------------------------------- calibration
 
 def twin_set(good: bool):
     """6 images in 3 pairs of twins with identical queries; outputs at half the target's
