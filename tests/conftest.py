@@ -1,8 +1,11 @@
-"""Shared fixtures: the repo on sys.path, the LOL-v1 location, synthetic image pairs and tiny
-random-weight checkpoints in our format and in the published one."""
+"""Shared fixtures and helpers: the repo on sys.path, the LOL-v1 location, synthetic image pairs,
+tiny random-weight checkpoints and memories in our format and in the published one, and the
+scripts run as users run them (run_script, assert_ran, assert_user_error)."""
 from __future__ import annotations
 
+import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,16 @@ os.environ["EMNET_NO_DOWNLOAD"] = "1"
 
 # Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the subprocess runs have (OMP_NUM_THREADS=1): with two, a busy
+    machine makes OpenMP's barriers, and in-process runs, many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def lol_candidates() -> list[Path]:
@@ -113,6 +126,41 @@ def assert_ran(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess
     return proc
 
 
+def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """test.py ARGS, as users run it."""
+    return run_script("test.py", *args, timeout=timeout)
+
+
+def stderr_lines(text: str) -> list[str]:
+    """Non-empty lines; tqdm redraws with \\r, so those split lines too."""
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, must_contain: str | Path,
+                      allow_noise: tuple[str, ...] = ()) -> str:
+    """Exit status 2, no traceback, and one `error: ...` line naming `must_contain` as the whole
+    of stderr. `allow_noise` lists prefixes of third-party lines tolerated before it."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = stderr_lines(proc.stderr)
+    assert lines, "nothing on stderr"
+    error = lines[-1]
+    assert error.startswith("error: "), proc.stderr
+    assert str(must_contain) in error, (str(must_contain), error)
+    others = lines[:-1]
+    assert all(any(line.startswith(p) for p in allow_noise) for line in others), proc.stderr
+    if not allow_noise:
+        assert proc.stderr.strip() == error and proc.stderr.count("\n") == 1, repr(proc.stderr)
+    return error
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(the header, the rows) of a CSV report."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
 def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
                     scale: float = 0.02) -> EMNetEnhancer:
     """An enhancer whose every tensor is random and seed-determined (no parameter keeps its
@@ -134,6 +182,12 @@ def write_enhancer_checkpoint(path: Path, model: EMNetEnhancer | None = None, ar
     save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch, "config": model.config.to_dict(),
                            "state_dict": model.state_dict(), **extra})
     return path
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    """A random-weight emnet_tiny/8 checkpoint in our format (epoch 0)."""
+    return write_enhancer_checkpoint(tmp_path / "tiny.pth", epoch=0)
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_test_cli import assert_user_error
 
-from conftest import random_enhancer, run_script, write_enhancer_checkpoint, write_png
+from conftest import assert_user_error, random_enhancer, run_script, write_enhancer_checkpoint, write_png
 from enhance_video import RecallSmoother, enhance_frames, open_video, remaining_frames
 from models.inference import enhance
 from models.loading import load_memory, memory_payload

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_test_cli import assert_user_error
 
-from conftest import random_enhancer, run_script, write_enhancer_checkpoint
+from conftest import assert_user_error, random_enhancer, run_script, write_enhancer_checkpoint
 from models.inference import enhance_with_features
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig

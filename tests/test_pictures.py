@@ -11,9 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_test_cli import run_test_py
 
-from conftest import random_enhancer, write_enhancer_checkpoint, write_png
+from conftest import random_enhancer, run_test_py, write_enhancer_checkpoint, write_png
 from dataset.pairing import find_pairs
 from models.loading import memory_payload
 from models.memory import ExternalMemory, MemoryConfig

@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_test_cli import assert_user_error, read_csv
 
-from conftest import assert_ran, published_memory, run_script, write_enhancer_checkpoint, write_png
+from conftest import (
+    assert_ran,
+    assert_user_error,
+    published_memory,
+    read_csv,
+    run_script,
+    write_enhancer_checkpoint,
+    write_png,
+)
 from models.inference import enhance
 from models.loading import load_enhancer, load_memory
 from models.memory import MemoryConfig
