@@ -62,6 +62,11 @@ def lol_root() -> Path:
                 f"and our485/); looked in {', '.join(map(str, lol_candidates()))}")
 
 
+def random_rgb(seed: int, size=(6, 5)) -> np.ndarray:
+    """Random uint8 RGB pixels of `size` (H, W), seed-determined."""
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
 def write_png(path: Path, img: np.ndarray) -> Path:
     """Write an RGB (H, W, 3) or grayscale uint8/uint16 array with cv2 (which expects BGR)."""
     path.parent.mkdir(parents=True, exist_ok=True)
