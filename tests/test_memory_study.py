@@ -1,66 +1,17 @@
-"""The memory variants the K-fold study ranks: the gain strength's calibration, the bootstrap
-interval, whole-image entries in train_memory.py, the read settings a memory carries to test.py,
-and the study itself on a tiny enhancer (the reads and the strength they use: test_memory_bank.py)."""
+"""benchmarks/memory_study.py on a tiny enhancer: the K-fold study of the memory variants runs
+every image once and resumes from its cache; and the whole-image, calibrated memory it ranks,
+built by train_memory.py and read by test.py with the settings it stores (the study's protocol:
+test_memory_study_protocol.py)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from conftest import assert_ran, filled_memory, run_script, write_enhancer_checkpoint, write_png
-from models.calibration import calibrate_strength
+from conftest import assert_ran, run_script, write_enhancer_checkpoint, write_png
 from models.loading import load_memory
-from models.read_settings import ReadSettings
-from utils.stats import bootstrap_ci
 
-# ------------------------------------------------------------------------------- calibration
-
-def twin_set(good: bool):
-    """6 images in 3 pairs of twins with identical queries; outputs at half the target's
-    brightness. With `good` twins share their target (a leave-one-out read recalls it exactly);
-    else twins' targets differ wildly and the outputs are already right."""
-    rng = np.random.default_rng(0)
-    keys, ori, high = [], [], []
-    for g in range(3):
-        key = torch.zeros(4)
-        key[g] = 1
-        base = rng.uniform(0.2, 0.4, (12, 14, 3))
-        for twin in range(2):
-            target = base if good else base * (0.5 if twin == 0 else 2.0)
-            keys.append(key)
-            high.append((target * 255).round().astype(np.uint8))
-            out = target * 0.5 if good else target
-            ori.append(torch.from_numpy(out).permute(2, 0, 1).float())
-    values = torch.stack([torch.from_numpy(h).float().mean(dim=(0, 1)) / 255 for h in high])
-    return torch.stack(keys), values, ori, high
-
-
-@pytest.mark.parametrize("good", [True, False])
-def test_calibrated_strength_trusts_a_good_recall_and_switches_off_a_bad_one(good):
-    keys, values, ori, high = twin_set(good)
-    mem = filled_memory(keys, values)
-    strength, curve = calibrate_strength(mem, F.normalize(keys, dim=1), ori, high, ReadSettings())
-    assert set(curve) >= {0.0, 1.0}
-    if good:
-        assert strength == 1.0 and curve[1.0] > curve[0.0] + 3
-    else:
-        assert strength == 0.0
-
-
-def test_bootstrap_interval():
-    x = np.random.default_rng(1).normal(0.5, 1.0, 400)
-    mean, lo, hi = bootstrap_ci(x)
-    assert mean == pytest.approx(x.mean()) and lo < mean < hi
-    assert 0.15 < hi - lo < 0.25  # about 2 * 1.96 / sqrt(400)
-    assert bootstrap_ci(x) == (mean, lo, hi)  # fixed seed: reruns agree
-    _, lo5, hi5 = bootstrap_ci(x[:15])
-    assert hi5 - lo5 > hi - lo
-
-
-# --------------------------------------------------------------------- scripts on a tiny net
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory) -> dict:
