@@ -1,8 +1,11 @@
-"""Shared fixtures: the repo on sys.path, the LOL-v1 location, synthetic image pairs and tiny
-random-weight checkpoints in our format and in the published one."""
+"""Shared fixtures and helpers: the repo on sys.path, the LOL-v1 location, synthetic image pairs,
+tiny random-weight checkpoints and memories in our format and in the published one, and the
+scripts run as users run them (run_script, assert_ran, assert_user_error)."""
 from __future__ import annotations
 
+import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
-from models.loading import ENHANCER_FORMAT  # noqa: E402
+from models.loading import ENHANCER_FORMAT, memory_payload  # noqa: E402
+from models.memory import ExternalMemory, MemoryConfig  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 
 # The suite never downloads (ImageNet backbones come from random-weight local files); passed on
@@ -27,6 +31,16 @@ os.environ["EMNET_NO_DOWNLOAD"] = "1"
 
 # Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the subprocess runs have (OMP_NUM_THREADS=1): with two, a busy
+    machine makes OpenMP's barriers, and in-process runs, many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def lol_candidates() -> list[Path]:
@@ -46,6 +60,11 @@ def lol_root() -> Path:
             return cand
     pytest.skip("LOL-v1 not found: set EMNET_LOL_ROOT=/path/to/LOL-v1 (the folder holding eval15/ "
                 f"and our485/); looked in {', '.join(map(str, lol_candidates()))}")
+
+
+def random_rgb(seed: int, size=(6, 5)) -> np.ndarray:
+    """Random uint8 RGB pixels of `size` (H, W), seed-determined."""
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 
 
 def write_png(path: Path, img: np.ndarray) -> Path:
@@ -87,16 +106,64 @@ def make_pairs(tmp_path):
 DDP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_repo(*argv: str | Path, timeout: float = 180,
-             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python ARGV...` in the repo root, as users run the scripts, with the allocator setting and
-    none of torchrun's variables (a plain run must not think it is part of a process group)."""
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment a script runs in: ours with the allocator setting, `extra`, and none of
+    torchrun's variables (a plain run must not think it is part of a process group)."""
     env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env.update(extra)
+    return env
+
+
+def run_script(*argv: str | Path, timeout: float = 180, env_extra: dict[str, str] | None = None,
+               preexec_fn=None) -> subprocess.CompletedProcess:
+    """`python ARGV...` in the repo root, as users run the scripts, in `script_env(**env_extra)`;
+    `preexec_fn` runs in the child before it starts (a resource limit)."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=script_env(**(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def assert_ran(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The run exited 0 without a traceback (its output's tail shown otherwise); returns it."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """test.py ARGS, as users run it."""
+    return run_script("test.py", *args, timeout=timeout)
+
+
+def stderr_lines(text: str) -> list[str]:
+    """Non-empty lines; tqdm redraws with \\r, so those split lines too."""
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, must_contain: str | Path,
+                      allow_noise: tuple[str, ...] = ()) -> str:
+    """Exit status 2, no traceback, and one `error: ...` line naming `must_contain` as the whole
+    of stderr. `allow_noise` lists prefixes of third-party lines tolerated before it."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = stderr_lines(proc.stderr)
+    assert lines, "nothing on stderr"
+    error = lines[-1]
+    assert error.startswith("error: "), proc.stderr
+    assert str(must_contain) in error, (str(must_contain), error)
+    others = lines[:-1]
+    assert all(any(line.startswith(p) for p in allow_noise) for line in others), proc.stderr
+    if not allow_noise:
+        assert proc.stderr.strip() == error and proc.stderr.count("\n") == 1, repr(proc.stderr)
+    return error
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(the header, the rows) of a CSV report."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
 
 
 def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
@@ -110,6 +177,22 @@ def random_enhancer(arch: str = "emnet_tiny", embed_dim: int = 8, seed: int = 0,
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+def write_enhancer_checkpoint(path: Path, model: EMNetEnhancer | None = None, arch: str = "emnet_tiny",
+                              dim: int = 8, **extra) -> Path:
+    """`model` (default: random_enhancer(arch, dim)) saved as our enhancer checkpoint at `path`;
+    `extra` adds entries (epoch) or replaces them (state_dict)."""
+    model = random_enhancer(arch, dim) if model is None else model
+    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch, "config": model.config.to_dict(),
+                           "state_dict": model.state_dict(), **extra})
+    return path
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    """A random-weight emnet_tiny/8 checkpoint in our format (epoch 0)."""
+    return write_enhancer_checkpoint(tmp_path / "tiny.pth", epoch=0)
 
 
 @pytest.fixture
@@ -128,8 +211,7 @@ def make_checkpoint(tmp_path):
         path = Path(folder or tmp_path) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "ours":
-            save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": arch,
-                                   "config": model.config.to_dict(), "state_dict": sd, "epoch": epoch})
+            write_enhancer_checkpoint(path, model, arch, state_dict=sd, epoch=epoch)
         elif fmt == "published":
             if module_prefix:
                 sd = {f"module.{k}": v for k, v in sd.items()}
@@ -150,6 +232,39 @@ def published_memory(path: Path, n: int, width: int, key_dim: int = 512, seed: i
                 "mem_vale": torch.rand(n, width, generator=g), "mem_age": torch.zeros(n),
                 "mem_index": torch.full((n,), -1, dtype=torch.long)}, path)
     return path
+
+
+def tiny_memory(key_dim=128, mem_size=16, p=1, seed=0) -> ExternalMemory:
+    """A memory with random keys, values, ages and sample indices (some slots unwritten)."""
+    g = torch.Generator().manual_seed(seed)
+    mem = ExternalMemory(MemoryConfig(mem_size=mem_size, key_dim=key_dim, pooling_size=p, threshold=0.01,
+                                      age_noise=2.0), g)
+    mem.age.copy_(torch.randint(0, 50, (mem_size,), generator=g).float())
+    mem.top_index.copy_(torch.randint(-1, 100, (mem_size,), generator=g))
+    return mem
+
+
+def save_memory(path: Path, mem: ExternalMemory, head=None, query_encoder="enhancer", extra=None) -> Path:
+    """`mem` saved as train_memory.py saves it (epoch 7), with `extra` entries."""
+    save_checkpoint(path, memory_payload(mem, 7, query_encoder, head, extra or {}))
+    return path
+
+
+def filled_memory(keys: torch.Tensor, values: torch.Tensor, mem_size: int = 8) -> ExternalMemory:
+    """A memory whose first len(keys) slots were written by samples 0..n-1."""
+    mem = ExternalMemory(MemoryConfig(mem_size=mem_size, key_dim=keys.shape[1]), torch.Generator().manual_seed(0))
+    mem.update(F.normalize(keys, dim=1), values, torch.arange(len(keys)))
+    return mem
+
+
+def grey(*levels: float) -> torch.Tensor:
+    """RGB values with the three channels equal, one row per level."""
+    return torch.tensor([[v] * 3 for v in levels], dtype=torch.float32)
+
+
+def unit(*rows) -> torch.Tensor:
+    """The rows, each normalised to unit length."""
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
 
 
 def random_backbone_file(folder: Path, model: str, seed: int) -> Path:

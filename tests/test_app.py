@@ -13,9 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_test_cli import run_test_py
 
-from conftest import GLIBC_TUNABLES, REPO, write_png
+from conftest import GLIBC_TUNABLES, REPO, run_test_py, write_png
 from utils import headless
 from utils.image_io import read_image, to_uint8
 

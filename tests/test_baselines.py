@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_repo
+from conftest import run_script
 from models import baselines
 from models.baselines import LimeParams, ZeroDCE
 from models.loading import memory_payload
@@ -236,7 +236,7 @@ def test_neuro_low_light_weights_brighten(lol_root):
 # ----------------------------------------------------------------------------- the CLI
 
 def run_bench(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return run_repo("benchmarks/baselines.py", *args, timeout=timeout)
+    return run_script("benchmarks/baselines.py", *args, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, must_contain: str) -> None:

@@ -5,21 +5,21 @@ import json
 
 import pytest
 
-from conftest import run_repo
+from conftest import run_script
 from models.fast import kernels
 
 pytestmark = pytest.mark.slow  # runs the benchmark scripts
 
 
-def run_script(*args: str) -> list[dict]:
-    proc = run_repo(*args, timeout=300)
+def json_rows(*args: str) -> list[dict]:
+    proc = run_script(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def test_bench_inference_rows():
     """One row per variant with latency, peak memory and FLOP count, plus the memory-module row."""
-    rows = run_script("benchmarks/bench_inference.py", "--presets", "emnet_tiny:8", "--height", "32",
+    rows = json_rows("benchmarks/bench_inference.py", "--presets", "emnet_tiny:8", "--height", "32",
                       "--width", "48", "--runs", "1", "--warmup", "0", "--mem_size", "50", "--json")
     by_variant = {r["variant"]: r for r in rows}
     assert set(by_variant) == {"fast", "torch_ops", "reference", "memory 50"}
@@ -35,7 +35,7 @@ def test_bench_inference_rows():
 
 def test_bench_large_image_streamed_matches_full():
     """The streamed forward with many strips gives the one-piece output (bundled weights)."""
-    (row,) = run_script("benchmarks/bench_large_image.py", "--width", "96", "--height", "64",
+    (row,) = json_rows("benchmarks/bench_large_image.py", "--width", "96", "--height", "64",
                         "--strip_pixels", "600")
     assert row["max_abs_diff_8bit"] <= 1
     assert row["psnr_streamed_vs_full"] >= 60

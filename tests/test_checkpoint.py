@@ -183,11 +183,9 @@ def test_dict_without_weights_names_the_file(tmp_path):
 
 def test_our_format_with_unknown_arch_name_loads_from_config(tmp_path):
     """Our checkpoints carry their full config: without flags the stored config is used as is."""
-    from conftest import random_enhancer
+    from conftest import random_enhancer, write_enhancer_checkpoint
     model = random_enhancer("emnet_tiny", 8)
-    path = tmp_path / "c.pth"
-    save_checkpoint(path, {"format": ENHANCER_FORMAT, "arch": "renamed_preset",
-                           "config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 0})
+    path = write_enhancer_checkpoint(tmp_path / "c.pth", model, "renamed_preset", epoch=0)
     loaded, _ = load_enhancer(path)
     assert_same_weights(loaded, model)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_repo, write_png
+from conftest import REPO, run_script, write_png
 from dataset.demo import SOURCES, LowLightModel, build_demo_set, darken, ensure_demo_set, srgb_to_linear
 from dataset.pairing import find_pairs
 from utils.image_io import read_image
@@ -27,7 +27,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def run_demo_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return run_repo("-m", "dataset.demo", *args, timeout=120)
+    return run_script("-m", "dataset.demo", *args, timeout=120)
 
 
 def test_demo_set_layout(demo):

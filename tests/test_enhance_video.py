@@ -14,12 +14,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_test_cli import assert_user_error
 
-from conftest import random_enhancer, run_repo, write_png
+from conftest import assert_user_error, random_enhancer, run_script, write_enhancer_checkpoint, write_png
 from enhance_video import RecallSmoother, enhance_frames, open_video, remaining_frames
 from models.inference import enhance
-from models.loading import ENHANCER_FORMAT, load_memory, memory_payload
+from models.loading import load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
 from models.query import EnhancerQuery
 from models.refiner import MemoryRefiner, build_refiner
@@ -49,9 +48,7 @@ def setup(tmp_path_factory) -> dict:
     """The tiny enhancer's checkpoint, the MJPG clip and the two-slot memory."""
     tmp = tmp_path_factory.mktemp("video")
     model = random_enhancer("emnet_tiny", 8)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 0})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", model, epoch=0)
     clip = tmp / "clip.avi"
     writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
     for level in LEVELS:
@@ -129,7 +126,7 @@ def test_smoothing_bounds_the_change_of_the_correction(setup):
 
 
 def run_video(*args: str | Path) -> subprocess.CompletedProcess:
-    return run_repo("enhance_video.py", *args, "--device", "cpu", timeout=120, env_extra={"OMP_NUM_THREADS": "1"})
+    return run_script("enhance_video.py", *args, "--device", "cpu", timeout=120, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 def channel_means(path: Path) -> tuple[np.ndarray, float, tuple[int, int]]:

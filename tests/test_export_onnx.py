@@ -5,17 +5,15 @@ for the whole test session), and ONNX Runtime's outputs must match test.py's cod
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_test_cli import assert_user_error
 
-from conftest import random_enhancer, run_repo
+from conftest import assert_user_error, random_enhancer, run_script, write_enhancer_checkpoint
 from models.inference import enhance_with_features
-from models.loading import ENHANCER_FORMAT, enhancer_fingerprint, load_enhancer, load_memory, memory_payload
+from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
 from models.query import describe_features
 from models.read_settings import ReadSettings
@@ -39,7 +37,7 @@ def image(h: int, w: int) -> torch.Tensor:
 
 def run_export(*args: str | Path) -> None:
     """Run export_onnx.py; it must succeed and print nothing on stderr (no tracer warnings)."""
-    proc = run_repo("export_onnx.py", *args, timeout=240)
+    proc = run_script("export_onnx.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
 
@@ -50,9 +48,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     images' queries (with a far-off colour), so recalling one of them would show."""
     folder = tmp_path_factory.mktemp("export_onnx")
     enhancer = random_enhancer("emnet_tiny", 8)
-    weights = folder / "enhancer.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny", "config": enhancer.config.to_dict(),
-                              "state_dict": enhancer.state_dict(), "epoch": 1})
+    weights = write_enhancer_checkpoint(folder / "enhancer.pth", enhancer, epoch=1)
     g = torch.Generator().manual_seed(1)
     memory = ExternalMemory(MemoryConfig(mem_size=MEM_SIZE, key_dim=16 * 8), g)
     memory.top_index.copy_(torch.arange(MEM_SIZE))
@@ -148,14 +144,14 @@ def error_case(files, case: str) -> tuple[list, Path, str]:
 def test_user_errors(files, case):
     """Exit status 2, one `error:` line naming the problem, no traceback, nothing written."""
     args, folder, must_contain = error_case(files, case)
-    assert_user_error(run_repo("export_onnx.py", *args), must_contain)
+    assert_user_error(run_script("export_onnx.py", *args), must_contain)
     assert not [p for p in folder.rglob("*") if p.suffix in (".onnx", ".tmp")]
 
 
 def test_onnx_not_installed(files, tmp_path):
     """Without the onnx package: one line that says to install it, exit status 2, no file."""
     (tmp_path / "onnx.py").write_text('raise ImportError("No module named onnx")\n')
-    proc = run_repo("export_onnx.py", "--weights", files["weights"], "--output", tmp_path / "out.onnx",
-                    env_extra={"PYTHONPATH": str(tmp_path)})
+    proc = run_script("export_onnx.py", "--weights", files["weights"], "--output", tmp_path / "out.onnx",
+                      env_extra={"PYTHONPATH": str(tmp_path)})
     assert_user_error(proc, "pip install onnx")
     assert not (tmp_path / "out.onnx").exists()

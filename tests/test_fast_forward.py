@@ -165,8 +165,8 @@ def test_row_strips_equal_whole_maps(arch, dim, with_kernels):
 def test_inference_over_the_budget_runs_in_strips(monkeypatch):
     """When the whole image does not fit the memory budget, `enhance` runs row strips (same
     result); with gradients enabled it never does."""
-    from utils import config
     from models.inference import enhance
+    from utils import config
 
     model = perturbed("emnet_tiny", 8, seed=7)
     x = torch.rand(1, 3, 32, 16, generator=torch.Generator().manual_seed(8))

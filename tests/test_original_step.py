@@ -14,9 +14,10 @@ import torch
 import yaml
 from skimage.metrics import structural_similarity
 from test_losses import lpips_linear_file, random_alexnet_state
-from test_train_enhancer import load, make_structured_pairs, ok, run_train
+from train_runs import load, make_structured_pairs, run_train
 
 import train_enhancer
+from conftest import assert_ran
 from utils.errors import UserError
 from utils.losses import EnhancementLoss
 from utils.perceptual import ALEXNET_FILE
@@ -183,10 +184,10 @@ def test_resume_mid_warmup_continues_the_same_sequence(tmp_path):
     save = tmp_path / "runs"
     common = ("--val_percent", 0, "--train_ps", 32, "--batch_size", 2, "--log_every", 1, "--nepoch", 6,
               "--lr_initial", 1e-3, "--checkpoint", 1000)
-    ok(run_train(train, save, "A", *common, "--max_iters", 10))
-    ok(run_train(train, save, "B", *common, "--max_iters", 3))
+    assert_ran(run_train(train, save, "A", *common, "--max_iters", 10))
+    assert_ran(run_train(train, save, "B", *common, "--max_iters", 3))
     assert load(save / "B" / "models" / "model_latest.pth")["iteration"] == 3
-    ok(run_train(train, save, "B", *common, "--max_iters", 10, "--resume"))
+    assert_ran(run_train(train, save, "B", *common, "--max_iters", 10, "--resume"))
 
     logged = {name: [(int(it), float(lr)) for it, lr in LR_IN_LOG.findall((save / name / "train.log").read_text())]
               for name in "AB"}

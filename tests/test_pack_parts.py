@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_repo
+from conftest import run_script
 from dataset.pack_parts import pack_parts
 from dataset.pairing import find_pairs
 from utils.errors import UserError
@@ -56,8 +56,8 @@ def test_a_pair_larger_than_a_part_and_existing_parts_are_refused(make_pairs, tm
 
 def test_cli_reports_the_parts(make_pairs, tmp_path):
     src = make_pairs(names=("1", "2"), size=(16, 24))
-    done = run_repo("-m", "dataset.pack_parts", "--input_dir", src, "--out_dir", tmp_path / "parts")
+    done = run_script("-m", "dataset.pack_parts", "--input_dir", src, "--out_dir", tmp_path / "parts")
     assert done.returncode == 0, done.stderr
     assert "2 pairs in 1 parts" in done.stdout
-    bad = run_repo("-m", "dataset.pack_parts", "--input_dir", tmp_path / "missing", "--out_dir", tmp_path / "p2")
+    bad = run_script("-m", "dataset.pack_parts", "--input_dir", tmp_path / "missing", "--out_dir", tmp_path / "p2")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
-"""Finding pairs, the validation split, the datasets and augmentations, and the image reader."""
+"""dataset/pairing.py: finding the low/high pairs in a folder (names, prefixes, extensions, the
+errors of a bad folder) and the deterministic validation split."""
 from __future__ import annotations
 
 import re
@@ -7,25 +8,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from conftest import write_png
-from dataset.augment import dihedral, random_crop, random_dihedral
-from dataset.paired_folder import PairedCrops, PairedImages, read_pair
+from conftest import random_rgb, write_png
+from dataset.paired_folder import read_pair
 from dataset.pairing import ImagePair, find_pairs, is_validation_pair, pair_key, split_pairs
 from utils.errors import UserError
-from utils.image_io import read_image, to_uint8, write_image
-
-
-def _img(seed: int, size=(6, 5)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 
 
 def _touch_images(folder: Path, names: list[str], size=(4, 4)) -> None:
     for i, n in enumerate(names):
         path = folder / n
         path.parent.mkdir(parents=True, exist_ok=True)
-        ok, buf = cv2.imencode(Path(n).suffix, _img(i, size))
+        ok, buf = cv2.imencode(Path(n).suffix, random_rgb(i, size))
         assert ok
         path.write_bytes(buf.tobytes())
 
@@ -75,7 +69,7 @@ def test_find_pairs_by_name_not_sort_order(tmp_path):
     (['1', '2'] vs ['2', 'normal1']) and each pair's images still belong together."""
     root = tmp_path / "d"
     for i, (low_name, high_name) in enumerate([("1", "normal1"), ("2", "2"), ("10", "normal10")]):
-        low = _img(i)
+        low = random_rgb(i)
         write_png(root / "low" / f"{low_name}.png", low)
         write_png(root / "high" / f"{high_name}.png", 255 - low)
     pairs = find_pairs(root)
@@ -116,7 +110,7 @@ def test_unpaired_file_is_user_error(make_pairs, side):
     """An image without a partner is a UserError naming that file."""
     root = make_pairs(names=("1", "2"))
     extra = root / side / "7.png"
-    write_png(extra, _img(0))
+    write_png(extra, random_rgb(0))
     with pytest.raises(UserError, match=re.escape(str(extra))):
         find_pairs(root)
 
@@ -255,200 +249,6 @@ def test_split_known_values():
     for n in SYNTHETIC_NAMES:
         expect = int(hashlib.sha1(n.encode()).hexdigest(), 16) % 10000 < 1000
         assert is_validation_pair(n, 10) == expect
-
-
-# ----------------------------------------------------------------------------- datasets
-
-def test_read_pair_size_mismatch_names_both_files(tmp_path):
-    """Low and high of different sizes: a UserError naming both files."""
-    low = write_png(tmp_path / "low" / "1.png", _img(0, (6, 5)))
-    high = write_png(tmp_path / "high" / "1.png", _img(1, (6, 7)))
-    with pytest.raises(UserError) as err:
-        read_pair(ImagePair("1", low, high))
-    assert str(low) in str(err.value) and str(high) in str(err.value)
-
-
-def test_paired_images(make_pairs):
-    """PairedImages yields (3, H, W) float tensors in [0, 1] equal to the files, and the name;
-    high is empty without ground truth."""
-    root = make_pairs(names=("1",), size=(5, 9))
-    low, high, name = PairedImages(find_pairs(root))[0]
-    assert name == "1" and low.shape == high.shape == (3, 5, 9) and low.dtype == torch.float32
-    np.testing.assert_allclose(low.permute(1, 2, 0).numpy(), read_image(root / "low" / "1.png"))
-    root2 = make_pairs(names=("1",), size=(5, 9), high_dir=None)
-    low, high, _ = PairedImages(find_pairs(root2, require_high=False))[0]
-    assert low.shape == (3, 5, 9) and high.numel() == 0
-
-
-def test_paired_crops_image_smaller_than_patch(make_pairs):
-    """An image smaller than --train_ps is a UserError naming it."""
-    root = make_pairs(names=("1",), size=(16, 7))
-    with pytest.raises(UserError, match=re.escape(str(root / "low" / "1.png"))):
-        PairedCrops(find_pairs(root), 8)
-
-
-def test_paired_crops_needs_pairs_and_ground_truth(make_pairs):
-    """No pairs, or pairs without ground truth, are UserErrors."""
-    with pytest.raises(UserError):
-        PairedCrops([], 8)
-    root = make_pairs(names=("1",), high_dir=None)
-    with pytest.raises(UserError, match=re.escape(str(root / "low" / "1.png"))):
-        PairedCrops(find_pairs(root, require_high=False), 8)
-
-
-def _all_dihedral_windows(img: torch.Tensor, size: int) -> list[torch.Tensor]:
-    h, w = img.shape[-2:]
-    return [dihedral(img[:, t:t + size, c:c + size], m)
-            for t in range(h - size + 1) for c in range(w - size + 1) for m in range(8)]
-
-
-def test_paired_crops_shape_and_alignment(make_pairs):
-    """Crops are (3, ps, ps), one flip/rotation of a window of the image, and the low and high
-    crops are the same window with the same transform (high = 1 - low holds on every crop)."""
-    root = make_pairs(names=("a", "b"), size=(11, 13), high_fn=lambda low: 255 - low)
-    ds = PairedCrops(find_pairs(root), 8)
-    assert len(ds) == 2
-    torch.manual_seed(0)
-    full_low = ds.images[0][0]
-    windows = _all_dihedral_windows(full_low, 8)
-    modes_seen = set()
-    for _ in range(40):
-        low, high = ds[0]
-        assert low.shape == high.shape == (3, 8, 8)
-        assert low.is_contiguous() and high.is_contiguous()
-        torch.testing.assert_close(high, 1 - low, atol=1e-6, rtol=0)
-        matches = [i for i, win in enumerate(windows) if torch.equal(win, low)]
-        assert matches, "the crop is not a flip/rotation of a window of the image"
-        modes_seen.add(matches[0] % 8)
-    assert len(modes_seen) >= 6  # the transforms really vary
-
-
-def test_random_crop_reaches_every_offset():
-    """Image 10 wide / 9 high, patch 8: offsets 0, 1, 2 (left) and 0, 1 (top), the last included,
-    all appear, and low/high get the same offset."""
-    h, w = 9, 10
-    low = torch.arange(h * w, dtype=torch.float32).reshape(1, h, w)
-    high = -low
-    torch.manual_seed(0)
-    tops, lefts = set(), set()
-    for _ in range(200):
-        a, b = random_crop(low, high, 8)
-        assert a.shape == (1, 8, 8)
-        assert torch.equal(b, -a)
-        v = int(a[0, 0, 0])
-        tops.add(v // w)
-        lefts.add(v % w)
-    assert tops == {0, 1}
-    assert lefts == {0, 1, 2}
-
-
-def test_random_crop_full_size():
-    """Patch == image size: the crop is the whole image."""
-    x = torch.rand(3, 8, 8)
-    a, b = random_crop(x, x + 1, 8)
-    assert torch.equal(a, x) and torch.equal(b, x + 1)
-
-
-def test_dihedral_gives_the_eight_transforms():
-    """Modes 0..7 are the 8 distinct flips/rotations; mode 0 is the identity."""
-    x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
-    outs = [dihedral(x, m) for m in range(8)]
-    assert torch.equal(outs[0], x)
-    keys = {(tuple(o.shape), tuple(o.flatten().tolist())) for o in outs}
-    assert len(keys) == 8
-    expected = set()
-    for flip in (False, True):
-        y = x.flip(-1) if flip else x
-        for k in range(4):
-            r = torch.rot90(y, k, dims=(-2, -1))
-            expected.add((tuple(r.shape), tuple(r.flatten().tolist())))
-    assert keys == expected
-
-
-def test_random_dihedral_same_transform_for_both():
-    """random_dihedral applies one transform to both images."""
-    torch.manual_seed(1)
-    x = torch.rand(3, 5, 7)
-    for _ in range(20):
-        a, b = random_dihedral(x, 2 * x)
-        assert torch.equal(b, 2 * a)
-
-
-# ----------------------------------------------------------------------------- read_image
-
-def test_read_image_rgb_channel_order(tmp_path):
-    """A pure red image (written by cv2 in BGR order) reads as channel 0 = 1, others 0."""
-    bgr = np.zeros((4, 5, 3), np.uint8)
-    bgr[..., 2] = 255
-    path = tmp_path / "red.png"
-    cv2.imwrite(str(path), bgr)
-    img = read_image(path)
-    assert img.shape == (4, 5, 3) and img.dtype == np.float32
-    assert np.all(img[..., 0] == 1) and np.all(img[..., 1:] == 0)
-
-
-def test_read_image_grayscale(tmp_path):
-    """Grayscale becomes 3 identical channels."""
-    g = np.random.default_rng(0).integers(0, 256, (4, 6), dtype=np.uint8)
-    path = tmp_path / "g.png"
-    cv2.imwrite(str(path), g)
-    img = read_image(path)
-    assert img.shape == (4, 6, 3)
-    for c in range(3):
-        np.testing.assert_array_equal(img[..., c], g / np.float32(255))
-
-
-def test_read_image_rgba_drops_alpha(tmp_path):
-    """RGBA: alpha is dropped, colours stay in RGB order."""
-    bgra = np.zeros((3, 3, 4), np.uint8)
-    bgra[..., 0] = 255  # blue
-    bgra[..., 3] = 7  # alpha
-    path = tmp_path / "a.png"
-    cv2.imwrite(str(path), bgra)
-    img = read_image(path)
-    assert img.shape == (3, 3, 3)
-    assert np.all(img[..., 2] == 1) and np.all(img[..., :2] == 0)
-
-
-def test_read_image_16_bit(tmp_path):
-    """16-bit PNGs are scaled by 65535: 65535 -> 1.0, 0 -> 0, 32768 -> ~0.5."""
-    arr = np.zeros((2, 3, 3), np.uint16)
-    arr[0] = 65535
-    arr[1] = 32768
-    path = tmp_path / "d.png"
-    cv2.imwrite(str(path), arr)
-    img = read_image(path)
-    assert img.dtype == np.float32
-    assert np.all(img[0] == 1.0)
-    np.testing.assert_allclose(img[1], 32768 / 65535, rtol=1e-6)
-
-
-def test_read_image_truncated_is_user_error(tmp_path):
-    """Half of a real PNG is a UserError naming the file."""
-    path = write_png(tmp_path / "t.png", _img(0, (64, 64)))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match=re.escape(str(path))):
-        read_image(path)
-
-
-@pytest.mark.parametrize("content", [None, b"", b"not an image at all"])
-def test_read_image_missing_or_garbage_is_user_error(tmp_path, content):
-    """Missing, empty and non-image files are UserErrors naming the file."""
-    path = tmp_path / "x.png"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(UserError, match=re.escape(str(path))):
-        read_image(path)
-
-
-def test_write_image_round_trip(tmp_path):
-    """write_image rounds floats to 8 bits, keeps RGB order, and leaves no temporary file."""
-    img = np.random.default_rng(0).random((5, 4, 3)).astype(np.float32)
-    path = tmp_path / "o.png"
-    write_image(path, img)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
-    np.testing.assert_array_equal(to_uint8(read_image(path)), to_uint8(img))
 
 
 def test_split_names_with_dots():

@@ -11,9 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_test_cli import run_test_py
 
-from conftest import random_enhancer, write_png
+from conftest import random_enhancer, run_test_py, write_enhancer_checkpoint, write_png
 from dataset.pairing import find_pairs
 from models.loading import memory_payload
 from models.memory import ExternalMemory, MemoryConfig
@@ -151,8 +150,6 @@ def tiny_memory_file(path: Path, enhancer) -> Path:
 def pictures_run(tmp_path_factory):
     """test.py --pictures (no --save_images) with a tiny random enhancer and memory on two
     synthetic 40x56 pairs."""
-    from models.loading import ENHANCER_FORMAT
-
     tmp = tmp_path_factory.mktemp("pictures_run")
     rng = np.random.default_rng(0)
     for n in ("1", "2"):
@@ -160,9 +157,7 @@ def pictures_run(tmp_path_factory):
         write_png(tmp / "data" / "high" / f"{n}.png", high)
         write_png(tmp / "data" / "low" / f"{n}.png", (high // 8).astype(np.uint8))
     model = random_enhancer("emnet_tiny", 8, seed=0)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict()})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", model)
     mem = tiny_memory_file(tmp / "mem.pth", model)
     result = tmp / "res"
     proc = run_test_py("--weights", weights, "--mem_weights", mem, "--input_dir", tmp / "data",

@@ -7,8 +7,9 @@ import json
 import signal
 from pathlib import Path
 
-from test_faults import noisy_pairs, start_script, wait_until, weights  # noqa: F401
-from test_test_cli import run_test_py
+from fault_runs import noisy_pairs, start_script, wait_until
+
+from conftest import run_test_py
 
 
 def slow_second_image(flag: Path) -> str:
@@ -25,7 +26,7 @@ image_io.write_image = _slow_write
 """
 
 
-def test_sigterm_after_the_first_image_writes_its_metrics(tmp_path, weights):  # noqa: F811
+def test_sigterm_after_the_first_image_writes_its_metrics(tmp_path, weights):
     """SIGTERM while test.py writes the second image: exit 143, metrics.csv, summary.json and
     result.txt hold the first image (and say the run stopped early), stderr says so."""
     pairs = noisy_pairs(tmp_path / "pairs", ["1", "2", "3"])
@@ -49,7 +50,7 @@ def test_sigterm_after_the_first_image_writes_its_metrics(tmp_path, weights):  #
     assert "stopped_early: 1 of 3 images" in (result / "result.txt").read_text()
 
 
-def test_no_ground_truth_is_said_on_the_console(tmp_path, weights):  # noqa: F811
+def test_no_ground_truth_is_said_on_the_console(tmp_path, weights):
     pairs = noisy_pairs(tmp_path / "pairs", ["1"])
     (pairs / "high" / "1.png").unlink()
     (pairs / "high").rmdir()

@@ -1,12 +1,16 @@
 """utils.schedule: the per-iteration learning rate of the published recipe (linear warm-up,
 cosine decay to --min_lr), its exact restoration from a state_dict, its replacement once a
-time-budgeted run knows its length, and the budget arithmetic (minutes -> iterations)."""
+time-budgeted run knows its length, the budget arithmetic (minutes -> iterations), and
+train_enhancer.py's --time_budget / --stop_after_minutes runs that fix the length once."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
+import yaml
+from train_runs import load, make_structured_pairs, train_in_process
 
 from utils.errors import UserError
 from utils.schedule import iterations_for_budget, warmup_cosine
@@ -163,3 +167,108 @@ def test_budget_must_cover_the_warmup():
 def test_bad_budget_inputs_are_user_errors(args, match):
     with pytest.raises(UserError, match=match):
         iterations_for_budget(*args)
+
+
+# ----------------------------------------------------------------------------- time-budgeted runs
+
+LR_LINE = re.compile(r"iter (\d+)/(\S+) loss \S+ .* lr (\S+) ")
+
+
+def reference_lrs(warmup: int, total: int, n: int, peak: float = 2e-4, min_lr: float = 1e-6) -> list[float]:
+    """The lr after iterations 1..n of a run that knew its length from the start."""
+    from utils.schedule import warmup_cosine
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = warmup_cosine(opt, warmup, total, min_lr)
+    out = []
+    for _ in range(n):
+        opt.step()
+        sched.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_budgeted_run_fixes_its_length_once_and_resume_continues_the_schedule(tmp_path, one_thread):
+    """--time_budget: the first call times steps 6-25 (inside the 30-iteration warm-up), fixes the
+    total and stores it in model_latest.pth and options.yml; a --resume call with another
+    --time_budget neither re-times nor re-plans: the total stays, and the lr after every
+    iteration of both calls is that of a schedule that knew the total from the start."""
+    train = make_structured_pairs(tmp_path / "train", ["b1", "b2", "b3", "b4"], size=(10, 12), seed=4)
+    flags = ("--warmup_epochs", 15)  # 2 iterations per epoch: 30 warm-up iterations
+    env = train_in_process(train, tmp_path, "budget", *flags, "--time_budget", 0.5, "--max_iters", 27)
+    first = load(env / "models" / "model_latest.pth")
+    total = first["schedule"]["total_iters"]
+    assert first["iteration"] == 27 and total > 40
+    assert first["schedule"]["budget_s"] == 30 and first["schedule"]["warmup_iters"] == 30
+    assert yaml.safe_load((env / "options.yml").read_text())["total_iters"] == total
+
+    train_in_process(train, tmp_path, "budget", *flags, "--time_budget", 7, "--max_iters", 40, "--resume")
+    second = load(env / "models" / "model_latest.pth")
+    assert second["iteration"] == 40 and second["schedule"]["total_iters"] == total
+    assert second["schedule"]["spent_s"] > first["schedule"]["spent_s"]
+    log = (env / "train.log").read_text()
+    assert log.count("s/iteration") == 1, "the resumed call timed its steps again"
+    assert f"the schedule fixed at {total} iterations continues" in log
+
+    ref = reference_lrs(30, total, 40)
+    for ckpt, k in ((first, 27), (second, 40)):
+        assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(ref[k - 1], rel=1e-12, abs=0)
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(ref[k - 1], rel=1e-12, abs=0)
+    logged = {int(m.group(1)): (m.group(2), float(m.group(3))) for m in LR_LINE.finditer(log)}
+    assert sorted(logged) == list(range(1, 41))
+    assert {shown for it, (shown, _) in logged.items() if it <= 27} == {"27"}  # --max_iters of each call
+    assert {shown for it, (shown, _) in logged.items() if it > 27} == {"40"}
+    for it, (_, lr) in logged.items():  # printed with 3 digits
+        assert lr == pytest.approx(ref[it - 1], rel=6e-3), it
+
+
+def test_budgeted_run_ends_at_its_total_with_min_lr(tmp_path, one_thread):
+    """A 0.05-minute budget on a tiny run: it fixes a total, trains exactly that many iterations
+    and ends the cosine at --min_lr, options.yml and the checkpoint agreeing."""
+    train = make_structured_pairs(tmp_path / "train", ["e1", "e2", "e3", "e4"], size=(10, 12), seed=5)
+    env = train_in_process(train, tmp_path, "end", "--warmup_epochs", 1, "--time_budget", 0.05, "--log_every", 10)
+    ckpt = load(env / "models" / "model_latest.pth")
+    total = ckpt["schedule"]["total_iters"]
+    assert total >= 25 and ckpt["iteration"] == total  # 25: fixed after the timed steps, nothing left
+    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(1e-6, rel=1e-9)
+    assert yaml.safe_load((env / "options.yml").read_text())["total_iters"] == total
+    assert f"finished at epoch {ckpt['epoch']} iteration {total}" in (env / "train.log").read_text()
+
+
+def test_stop_after_minutes_saves_a_resumable_checkpoint(tmp_path, one_thread):
+    """--stop_after_minutes 0.0001 (6 ms, less than the first step): the call stops cleanly after
+    one iteration with a model_latest.pth whose length is still open; --resume times its own
+    steps, fixes the length (counting the earlier calls' time) and trains on. --time_budget on
+    --resume of an epoch run is a UserError."""
+    train = make_structured_pairs(tmp_path / "train", ["s1", "s2", "s3", "s4"], size=(10, 12), seed=6)
+    env = train_in_process(train, tmp_path, "stop", "--time_budget", 0.5, "--stop_after_minutes", 0.0001)
+    first = load(env / "models" / "model_latest.pth")
+    assert first["iteration"] == 1 and first["schedule"]["total_iters"] is None
+    assert first["schedule"]["spent_s"] > 0
+    log = (env / "train.log").read_text()
+    assert "stopping at iteration 1: --stop_after_minutes 0.0001 reached" in log
+    assert "iter 1/? loss" in log  # the length is not known yet
+    assert "finished at epoch 0 iteration 1" in log
+    assert not list((env / "models").glob(".*.tmp")), "a checkpoint write was left unfinished"
+
+    # While the length is open a new --time_budget replaces the budget; later calls keep it.
+    train_in_process(train, tmp_path, "stop", "--time_budget", 0.6, "--stop_after_minutes", 0.0001, "--resume")
+    assert load(env / "models" / "model_latest.pth")["schedule"]["budget_s"] == 36
+    train_in_process(train, tmp_path, "stop", "--max_iters", 28, "--resume")
+    second = load(env / "models" / "model_latest.pth")
+    assert second["iteration"] == 28 and second["schedule"]["total_iters"] > 27
+    assert second["schedule"]["budget_s"] == 36
+    assert second["schedule"]["spent_s"] > first["schedule"]["spent_s"]
+
+    train_in_process(train, tmp_path, "epochs", "--nepoch", 1)
+    with pytest.raises(UserError, match="--time_budget on --resume"):
+        train_in_process(train, tmp_path, "epochs", "--nepoch", 2, "--time_budget", 1, "--resume")
+
+
+def test_budget_smaller_than_the_warmup_is_a_user_error(tmp_path, one_thread):
+    """A budget (0.06 s) already spent when the speed is known, with a 30-iteration warm-up:
+    a UserError naming --time_budget and --warmup_epochs, after the 25 timed iterations."""
+    train = make_structured_pairs(tmp_path / "train", ["w1", "w2", "w3", "w4"], size=(10, 12), seed=7)
+    with pytest.raises(UserError, match="--time_budget 0.001 minutes allows 25 iterations") as err:
+        train_in_process(train, tmp_path, "tiny", "--warmup_epochs", 15, "--time_budget", 0.001)
+    assert "--warmup_epochs" in str(err.value) and "30 of the warm-up" in str(err.value)

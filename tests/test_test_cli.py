@@ -2,19 +2,17 @@
 random-weight checkpoints (emnet_tiny, embed_dim 8: about 1 s per 600x400 image on a CPU)."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, run_repo, write_png
+from conftest import REPO, assert_user_error, read_csv, run_script, run_test_py, write_png
 from models.inference import enhance
 from models.loading import load_enhancer
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
@@ -22,38 +20,6 @@ from utils.metrics import METRIC_CONVENTION, psnr, ssim
 
 EVAL_NAMES = ("1", "111")
 METRIC_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr"]
-
-
-def run_test_py(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return run_repo("test.py", *args, timeout=timeout)
-
-
-def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line.strip() for line in re.split(r"[\r\n]+", proc.stderr) if line.strip()]
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, must_contain: str | Path,
-                      allow_noise: tuple[str, ...] = ()) -> str:
-    """Exit status 2, no traceback, and one `error: ...` line naming `must_contain` as the whole
-    of stderr. `allow_noise` lists prefixes of third-party lines tolerated before it."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    lines = stderr_lines(proc)
-    assert lines, "nothing on stderr"
-    error = lines[-1]
-    assert error.startswith("error: "), proc.stderr
-    assert str(must_contain) in error, (str(must_contain), error)
-    others = lines[:-1]
-    assert all(any(line.startswith(p) for p in allow_noise) for line in others), proc.stderr
-    if not allow_noise:
-        assert proc.stderr.strip() == error and proc.stderr.count("\n") == 1, repr(proc.stderr)
-    return error
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
 
 
 def copy_eval_pairs(lol_root: Path, dest: Path, names=EVAL_NAMES) -> Path:
@@ -76,17 +42,11 @@ def small_input(make_pairs) -> Path:
 def main_run(lol_root, tmp_path_factory):
     """test.py --save_images on 2 real eval15 pairs with our-format emnet_tiny/8 weights, into a
     result folder that already holds a user's files."""
-    from conftest import random_enhancer
-    from models.loading import ENHANCER_FORMAT
-    from utils.checkpoint import save_checkpoint
+    from conftest import write_enhancer_checkpoint
 
     tmp = tmp_path_factory.mktemp("main_run")
     data = copy_eval_pairs(lol_root, tmp / "eval")
-    model = random_enhancer("emnet_tiny", 8, seed=0)
-    weights = tmp / "tiny.pth"
-    save_checkpoint(weights, {"format": ENHANCER_FORMAT, "arch": "emnet_tiny",
-                              "config": model.config.to_dict(), "state_dict": model.state_dict(),
-                              "epoch": 5})
+    weights = write_enhancer_checkpoint(tmp / "tiny.pth", epoch=5)
     result = tmp / "results"
     (result / "ori").mkdir(parents=True)
     (result / "notes.txt").write_text("keep me")
@@ -364,8 +324,8 @@ def test_lpips_without_weights_offline(small_input, make_checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     result = tmp_path / "r"
-    proc = run_repo("test.py", "--weights", weights, "--input_dir", small_input, "--result_dir", result,
-                    "--lpips", env_extra={"TORCH_HOME": str(home), "EMNET_NO_DOWNLOAD": "1"})
+    proc = run_script("test.py", "--weights", weights, "--input_dir", small_input, "--result_dir", result,
+                      "--lpips", env_extra={"TORCH_HOME": str(home), "EMNET_NO_DOWNLOAD": "1"})
     error = assert_user_error(proc, "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")
     assert str(home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in error
     assert "--lpips_alexnet" in error and "drop --lpips" in error

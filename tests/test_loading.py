@@ -1,0 +1,72 @@
+"""models/loading.py's memory checkpoints: ours round-trips, the published release's format loads
+(p from the value width), and a wrong file is one UserError naming it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import published_memory, random_enhancer, save_memory, tiny_memory
+from models.loading import load_memory
+from models.query import QueryHead
+from models.read_settings import ReadSettings
+from models.refiner import build_refiner
+from utils.errors import UserError
+
+# ============================================================================ checkpoints
+
+def random_head(dim: int) -> QueryHead:
+    head = QueryHead(dim)
+    with torch.no_grad():
+        head.proj.weight.normal_(0, 0.05)
+    return head
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_memory_checkpoint_round_trip(tmp_path, with_head):
+    """memory_payload -> save_checkpoint -> load_memory: equal buffers, equal config, the query
+    encoder, epoch and (optional) head weights preserved; build_refiner rebuilds the same head."""
+    mem = tiny_memory(p=2)
+    head = random_head(128) if with_head else None
+    enhancer = random_enhancer("emnet_tiny", 8)
+    path = save_memory(tmp_path / "mem.pth", mem, head,
+                       extra={"enhancer_config": enhancer.config.to_dict(), "best": {"mem_psnr": 1.5}})
+    loaded, ckpt = load_memory(path)
+    assert loaded.config == mem.config
+    for name, buf in mem.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], buf), name
+    assert ckpt["query_encoder"] == "enhancer" and ckpt["epoch"] == 7 and ckpt["best"] == {"mem_psnr": 1.5}
+    refiner = build_refiner(loaded, ckpt, path, enhancer, ReadSettings(top_k=1))
+    if with_head:
+        assert torch.equal(ckpt["head_state_dict"]["proj.weight"], head.proj.weight)
+        assert torch.equal(refiner.head.proj.weight, head.proj.weight)
+    else:
+        assert ckpt["head_state_dict"] is None and refiner.head is None
+
+
+@pytest.mark.parametrize("width,p", [(3, 1), (12, 2)])
+def test_published_memory_loads(tmp_path, width, p):
+    """A published {'epoch','mem_key','mem_vale','mem_age','mem_index'} file loads with the
+    resnet18 query, no head, and p from the value width (3 -> 1, 12 -> 2)."""
+    path = published_memory(tmp_path / "published.pth", 20, width)
+    raw = torch.load(path, weights_only=True)
+    mem, ckpt = load_memory(path)
+    assert ckpt["query_encoder"] == "resnet18" and ckpt["head_state_dict"] is None
+    assert (mem.config.mem_size, mem.config.key_dim, mem.config.pooling_size) == (20, 512, p)
+    assert torch.equal(mem.key, raw["mem_key"]) and torch.equal(mem.value, raw["mem_vale"])
+    assert torch.equal(mem.top_index, raw["mem_index"]) and torch.equal(mem.age, raw["mem_age"])
+
+
+def test_published_memory_bad_width(tmp_path):
+    """A value width that is not 3 p^2 (5) is a UserError naming the file."""
+    path = published_memory(tmp_path / "published.pth", 8, 5)
+    with pytest.raises(UserError) as err:
+        load_memory(path)
+    assert str(path) in str(err.value)
+
+
+def test_enhancer_checkpoint_is_not_a_memory(make_checkpoint):
+    """An enhancer checkpoint given to load_memory is a UserError naming the file."""
+    path, _ = make_checkpoint()
+    with pytest.raises(UserError) as err:
+        load_memory(path)
+    assert str(path) in str(err.value) and "not an external-memory checkpoint" in str(err.value)
