@@ -42,19 +42,24 @@ RESUME_ARGS = ("--train_ps", 32, "--batch_size", 2, "--log_every", 1, "--warmup_
                "--lr_initial", 1e-3, "--checkpoint", 1000)
 
 
+def straight_and_resumed(train: Path, val: Path, save: Path, cap: int) -> tuple[dict, dict, dict]:
+    """Run A straight for 2 epochs; run B stopped by --max_iters `cap`, then resumed with the cap
+    lifted. Returns A's final checkpoint, B's checkpoint at the cap and B's final checkpoint."""
+    assert_ran(run_train(train, save, "A", "--val_dir", val, "--nepoch", 2, *RESUME_ARGS))
+    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--max_iters", cap, *RESUME_ARGS))
+    part = load(save / "B" / "models" / "model_latest.pth")
+    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", "--max_iters", 0,  # lift the cap
+                         *RESUME_ARGS))
+    return load(save / "A" / "models" / "model_latest.pth"), part, load(save / "B" / "models" / "model_latest.pth")
+
+
 def test_resume_at_an_epoch_boundary_is_exact(resume_data, tmp_path):
     """2 epochs straight == 1 epoch (stopped by --max_iters) + --resume for the 2nd: same weights,
     epoch/iteration, optimizer moments, scheduler position, best score and RNG state."""
     train, val = resume_data
     save = tmp_path / "runs"
-    assert_ran(run_train(train, save, "A", "--val_dir", val, "--nepoch", 2, *RESUME_ARGS))
-    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--max_iters", 2, *RESUME_ARGS))
-    half = load(save / "B" / "models" / "model_latest.pth")
+    a, half, b = straight_and_resumed(train, val, save, 2)
     assert (half["epoch"], half["iteration"]) == (1, 2)
-    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", "--max_iters", 0,  # lift the cap
-                         *RESUME_ARGS))
-
-    a, b = load(save / "A" / "models" / "model_latest.pth"), load(save / "B" / "models" / "model_latest.pth")
     assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"]) == (2, 4)
     assert not torch.equal(a["state_dict"]["patch_embed.proj.weight"],
                            half["state_dict"]["patch_embed.proj.weight"]), "epoch 2 changed nothing"
@@ -77,14 +82,9 @@ def test_resume_mid_epoch_matches_straight_run(resume_data, tmp_path):
     like the straight run: same final weights and loss sequence."""
     train, val = resume_data
     save = tmp_path / "runs"
-    assert_ran(run_train(train, save, "A", "--val_dir", val, "--nepoch", 2, *RESUME_ARGS))
-    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--max_iters", 3, *RESUME_ARGS))
-    part = load(save / "B" / "models" / "model_latest.pth")
+    a, part, b = straight_and_resumed(train, val, save, 3)
     assert (part["epoch"], part["iteration"]) == (1, 3)
-    assert_ran(run_train(train, save, "B", "--val_dir", val, "--nepoch", 2, "--resume", "--max_iters", 0,  # lift the cap
-                         *RESUME_ARGS))
     assert "resuming at epoch 1 iteration 3" in (save / "B" / "train.log").read_text()
-    a, b = load(save / "A" / "models" / "model_latest.pth"), load(save / "B" / "models" / "model_latest.pth")
     assert (b["epoch"], b["iteration"]) == (2, 4)
     assert losses_from_log(save / "A" / "train.log") == losses_from_log(save / "B" / "train.log")
     assert_same_state(a["state_dict"], b["state_dict"], "weights")
