@@ -1,12 +1,14 @@
 """Helpers for the fault tests (test_atomic, test_signals, test_folder_lock,
-test_report_papercuts): a file-size limit on a child, a script started in the background with a
-test-only prelude, and incompressible pairs."""
+test_report_papercuts, test_train_enhancer_resume): a file-size limit on a child, a script started
+in the background with a test-only prelude and reaped whatever happens, and incompressible pairs."""
 from __future__ import annotations
 
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +50,23 @@ def start_script(script: str, *args, prelude: str = "") -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_until(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until(cond, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.002) -> None:
+    """Waits for `cond()` while `proc` still runs; fails with its stderr tail if it ended first."""
     end = time.monotonic() + timeout
     while not cond():
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it was awaited: {tail}")
         assert time.monotonic() < end, "timed out waiting for the run"
-        time.sleep(0.002)
+        time.sleep(poll)
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kills `proc` on leaving the block if it still runs, so a failed wait leaves no child behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,7 @@ import json
 import signal
 from pathlib import Path
 
-from fault_runs import noisy_pairs, start_script, wait_until
+from fault_runs import noisy_pairs, reaped, start_script, wait_until
 
 from conftest import run_test_py
 
@@ -33,13 +33,10 @@ def test_sigterm_after_the_first_image_writes_its_metrics(tmp_path, weights):
     result, flag = tmp_path / "result", tmp_path / "writing_2"
     proc = start_script("test.py", "--weights", weights, "--input_dir", pairs, "--result_dir", result,
                         "--save_images", "--device", "cpu", prelude=slow_second_image(flag))
-    try:
+    with reaped(proc):
         wait_until(flag.exists, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert f"stopped early: {result / 'metrics.csv'} has the 1 of 3 images done" in err
     with open(result / "metrics.csv", newline="") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_runs import noisy_pairs, run_limited, start_script, temporary_files, wait_until
+from fault_runs import noisy_pairs, reaped, run_limited, start_script, temporary_files, wait_until
 from train_runs import (
     FAST,
     TINY,
@@ -105,13 +105,10 @@ def test_signal_to_a_training_process_saves_within_30_s_and_resume_finishes(tmp_
                                       "--log_every", 1, "--checkpoint", 1000)
     log = save / "sig" / "train.log"
     proc = start_training(train, save, "sig", *flags)
-    try:
+    with reaped(proc):
         wait_until(lambda: loss_lines(log) >= 7, proc)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     last = [line for line in err.splitlines() if line.strip()][-1]
@@ -148,7 +145,7 @@ def test_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_chec
     latest = models / "model_latest.pth"
     proc = start_training(train, save, "two", "--nepoch", 100, "--val_percent", 0, "--train_ps", 32,
                           "--batch_size", 4, "--log_every", 1, "--checkpoint", 1000, prelude=SLOW_SAVES)
-    try:
+    with reaped(proc):
         wait_until(lambda: latest.exists(), proc)
         wait_until(lambda: not list(models.glob(".model_latest.pth.*")), proc)  # between two saves
         proc.send_signal(signal.SIGTERM)
@@ -156,9 +153,6 @@ def test_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_chec
         before = (latest.stat().st_ino, load(latest)["iteration"])
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, err
     assert "SIGTERM again: stopped at once" in err and "Traceback" not in err
     assert (latest.stat().st_ino, load(latest)["iteration"]) == before
@@ -230,16 +224,13 @@ os.fsync = _slow_fsync
 
 def stop_while_writing(proc: subprocess.Popen, folder: Path, pattern: str) -> str:
     """SIGTERM once a temporary file matching `pattern` exists in `folder`; returns stderr."""
-    try:
+    with reaped(proc):
         wait_until(lambda: folder.is_dir() and bool(list(folder.glob(pattern))), proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, err
     assert "Traceback" not in err
-    assert [line for line in err.splitlines() if line.strip()][-1].startswith("stopped by SIGTERM")
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("stopped by SIGTERM"), err
     return err
 
 

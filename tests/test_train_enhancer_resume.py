@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fault_runs import wait_until
 from train_runs import (
     LOSS_LINE,
     assert_same_optimizer,
@@ -161,14 +162,6 @@ def start_train(train: Path, save: Path, env_name: str, *extra) -> subprocess.Po
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def wait_for(cond, proc: subprocess.Popen, timeout: float = 60, poll: float = 0.005) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill"
-        assert time.monotonic() < end, "timed out waiting for the run"
-        time.sleep(poll)
-
-
 def kill9(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -192,7 +185,7 @@ def test_kill_9_then_resume_finishes(tmp_path):
     latest = save / "kill" / "models" / "model_latest.pth"
     proc = start_train(train, save, "kill", "--nepoch", nepoch, *KILL_ARGS)
     try:
-        wait_for(lambda: latest.exists() and log_iterations(save / "kill" / "train.log") >= 3, proc)
+        wait_until(lambda: latest.exists() and log_iterations(save / "kill" / "train.log") >= 3, proc)
     finally:
         kill9(proc)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -234,7 +227,7 @@ def test_kill_9_at_random_moments_never_corrupts_latest(tmp_path):
         proc = start_train(train, save, "stress", "--nepoch", nepoch, *resume, *KILL_ARGS)
         try:
             # In the training loop: a checkpoint newer than the one it started from exists.
-            wait_for(lambda: latest.exists() and latest.stat().st_ino != before_ino, proc)
+            wait_until(lambda: latest.exists() and latest.stat().st_ino != before_ino, proc)
             if cycle % 2:
                 end = time.monotonic() + 3
                 while proc.poll() is None and time.monotonic() < end and not writing():
