@@ -150,6 +150,36 @@ def check_complete(tmp: Path, dst: Path, count: int) -> None:
         raise write_error(dst, likely_fault(tmp))
 
 
+def write_video(outputs: Iterable[tuple[np.ndarray, torch.Tensor | None]], dst: Path, fourcc: int, fps: float,
+                size: tuple[int, int], stated: int) -> int:
+    """Encode the frames of `outputs` (cropped to `size`, width x height) into `dst` atomically:
+    into a hidden temporary file, read back (`check_complete`), then renamed; on any error or stop
+    signal the temporary file is removed. Returns the frame count. The progress bar is built before
+    the temporary file exists, so a signal from then on interrupts no half-built object."""
+    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")  # same extension: FFmpeg picks the container by it
+    width, height = size
+    writer, count = None, 0
+    with tqdm(total=stated or None, desc="enhance", unit="frame", leave=False) as bar:
+        try:
+            writer = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, fourcc, fps, size)
+            if not writer.isOpened():
+                raise UserError(f"cannot write --output {dst}: OpenCV's FFmpeg could not open a "
+                                f"{width}x{height} {CODECS[dst.suffix.lower()]} writer; try another extension")
+            for out, _ in outputs:
+                writer.write(np.ascontiguousarray(out[:height, :width]))
+                count += 1
+                bar.update()
+            writer.release()
+            check_complete(tmp, dst, count)
+            os.replace(tmp, dst)
+        except BaseException:
+            if writer is not None:
+                writer.release()
+            tmp.unlink(missing_ok=True)
+            raise
+    return count
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Enhance a low-light video with EMNet (enhancer, then the "
                                             "external memory with a temporally smoothed colour)",
@@ -189,25 +219,11 @@ def main(args: argparse.Namespace) -> None:
     if (even_h, even_w) != (height, width):
         print(f"note: --input {src} is {width}x{height}; the encoders need even sizes, so the output "
               f"is {even_w}x{even_h} (last column/row dropped)")
-    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")  # same extension: FFmpeg picks the container by it
-    writer = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, fourcc, fps, (even_w, even_h))
-    count, start = 0, time.perf_counter()
+    start = time.perf_counter()
     try:
-        if not writer.isOpened():
-            raise UserError(f"cannot write --output {dst}: OpenCV's FFmpeg could not open a "
-                            f"{even_w}x{even_h} {CODECS[dst.suffix.lower()]} writer; try another extension")
         frames = itertools.chain([first], remaining_frames(capture))
         outputs = enhance_frames(frames, model, device, args.border_margin, refiner, args.smooth)
-        for out, _ in tqdm(outputs, total=stated or None, desc="enhance", unit="frame", leave=False):
-            writer.write(np.ascontiguousarray(out[:even_h, :even_w]))
-            count += 1
-        writer.release()
-        check_complete(tmp, dst, count)
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.release()
-        tmp.unlink(missing_ok=True)
-        raise
+        count = write_video(outputs, dst, fourcc, fps, (even_w, even_h), stated)
     finally:
         capture.release()
     seconds = time.perf_counter() - start
