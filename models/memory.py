@@ -90,22 +90,36 @@ class ExternalMemory(nn.Module):
             self.age[slots] = 0
         return matched
 
-    def read(self, query: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
-             exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Recalled values (B, value_dim): the best slot's value for k = 1, else the mean of the
-        top-k slots' values weighted by softmax(score / temperature) (the release: temperature 1).
+    def ranked(self, query: torch.Tensor, top_k: int, hide: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, slots), each (B, k), of the `top_k` best slots per unit-norm query (B, key_dim),
+        best first: the one ranking every read of a memory uses.
 
-        Slots never written (`top_index` -1, still random) are skipped once any slot is written.
-        `exclude` (B,) masks, per query, the slots written by that training-sample index: a
-        leave-one-out read of the memory's own training samples.
+        Slots never written (`top_index` -1, still random) are masked once any slot is written
+        (a memory with none written ranks its random slots, as the release reads a fresh bank).
+        `hide` (B, mem_size), True where a query must not see a slot, masks more per query.
         """
         scores = self.scores(query)
         written = self.top_index >= 0
-        if written.any() and not written.all():
+        if written.any():
             scores = scores.masked_fill(~written, -float("inf"))
+        if hide is not None:
+            scores = scores.masked_fill(hide, -float("inf"))
+        return scores.topk(top_k, dim=1)
+
+    def read(self, query: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
+             exclude: torch.Tensor | None = None, hide: torch.Tensor | None = None) -> torch.Tensor:
+        """Recalled values (B, value_dim): the best slot's value for k = 1, else the mean of the
+        top-k slots' values weighted by softmax(score / temperature) (the release: temperature 1).
+
+        Slots are ranked by `ranked`. `exclude` (B,) masks, per query, the slots written by that
+        training-sample index (a leave-one-out read of the memory's own training samples); `hide`
+        (B, mem_size) masks any other slots per query (e.g. those of the reader's scene).
+        """
         if exclude is not None:
-            scores = scores.masked_fill(self.top_index[None] == exclude[:, None], -float("inf"))
-        scores, idx = scores.topk(top_k, dim=1)  # (B, k)
+            own = self.top_index[None] == exclude[:, None]
+            hide = own if hide is None else hide | own
+        scores, idx = self.ranked(query, top_k, hide)  # (B, k)
         if top_k == 1:
             return self.value[idx[:, 0]]
         weights = (scores / temperature).softmax(dim=1)
