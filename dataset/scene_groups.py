@@ -12,16 +12,25 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-THUMB_HW = (16, 24)
+from dataset.pairing import ImagePair
+from utils.image_io import read_image, to_uint8
+
+SCENE_THUMB_HW = (16, 24)  # height, width of the grey thumbnail that identifies a scene
 DEFAULT_THRESHOLD = 0.9
 
 
 def scene_vector(img: np.ndarray) -> np.ndarray:
     """A uint8 RGB (H, W, 3) image -> its unit-norm, zero-mean grey thumbnail (384,)."""
     grey = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).astype(np.float32)
-    t = cv2.resize(grey, THUMB_HW[::-1], interpolation=cv2.INTER_AREA).ravel()
+    t = cv2.resize(grey, SCENE_THUMB_HW[::-1], interpolation=cv2.INTER_AREA).ravel()
     t -= t.mean()
     return t / max(float(np.linalg.norm(t)), 1e-8)
+
+
+def input_scenes(pairs: list[ImagePair]) -> np.ndarray:
+    """(N, D) scene vectors of the pairs' low-light inputs, from their 8-bit pixels: what a memory
+    stores of its training inputs to tell a scene it has seen (`models.abstention`)."""
+    return np.stack([scene_vector(to_uint8(read_image(pair.low))) for pair in pairs])
 
 
 def scene_groups(targets: list[np.ndarray], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

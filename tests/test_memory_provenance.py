@@ -14,7 +14,7 @@ from conftest import random_enhancer, write_png
 from dataset.pairing import ImagePair
 from models.loading import enhancer_fingerprint, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig
-from models.provenance import THUMB_HW, UNKNOWN, EntrySources, sources_payload
+from models.provenance import SOURCE_THUMB_HW, UNKNOWN, EntrySources, sources_payload
 from models.refiner import build_refiner
 from train_memory import restore_run
 from utils.checkpoint import save_checkpoint
@@ -113,7 +113,7 @@ def test_sources_round_trip_and_top_entries(tmp_path):
     mem, ckpt = load_memory(path)
     src = EntrySources(ckpt)
     assert src.names == list("abcde") and src.name(7) == UNKNOWN and src.name(-1) == UNKNOWN
-    assert src.thumbnail(2).shape == (*THUMB_HW, 3) and (src.thumbnail(2) == 80).all()
+    assert src.thumbnail(2).shape == (*SOURCE_THUMB_HW, 3) and (src.thumbnail(2) == 80).all()
     assert src.thumbnail(9) is None
     refiner = build_refiner(mem, ckpt, path, enhancer, None, None)
     x = torch.rand(2, 3, 24, 40)
