@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, RandomSampler
@@ -31,6 +32,8 @@ from tqdm import tqdm
 
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, is_test_set, training_split
+from dataset.scene_groups import input_scenes, scene_groups
+from models.abstention import fit_abstention, scene_match
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
@@ -164,23 +167,33 @@ def image_queries(passes: list[FrozenPass], pairs: list[ImagePair], encoder: tor
 
 class ValidationSet:
     """Validation pairs through the frozen enhancer (cached passes) with their queries: the
-    memory's ori and mem scores on them, read as test.py reads."""
+    memory's ori and mem scores on them, read as test.py reads (with `scenes`, their input scene
+    vectors, also a read that abstains)."""
 
-    def __init__(self, passes: list[FrozenPass], queries: torch.Tensor):
-        self.passes, self.query = passes, queries
+    def __init__(self, passes: list[FrozenPass], queries: torch.Tensor, scenes: np.ndarray | None = None):
+        self.passes, self.query, self.scenes = passes, queries, scenes
         ori_rows = [{f"ori_{k}": v for k, v in score(to_uint8(tensor_to_image(fp.ori.float())), fp.high).items()}
                     for fp in passes]
         self.ori_means = mean_scores(ori_rows, ["ori_psnr", "ori_ssim"])  # the enhancer is frozen
 
     @torch.no_grad()
-    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: ReadSettings) -> dict[str, float]:
+    def evaluate(self, memory: ExternalMemory, head: QueryHead | None, read: ReadSettings,
+                 known: np.ndarray | None = None) -> dict[str, float]:
+        """Mean ori and mem scores; a read that abstains needs the memory's `known` input scenes."""
         q = self.query.to(memory.key.device)
-        recalled = read.recall(memory, head(q) if head is not None else q).cpu()
+        q = head(q) if head is not None else q
+        recalled = read.recall(memory, q).cpu()
+        corrected = [True] * len(self.passes)
+        if read.abstains:
+            top1 = memory.ranked(q, 1)[0][:, 0].cpu()
+            matches = scene_match(self.scenes, known)
+            corrected = [read.decide(float(s), float(m)).corrected for s, m in zip(top1, matches)]
         p = memory.config.pooling_size
         mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(
-            read.correct(fp.ori[None].float(), r[None], p))), fp.high).items()}
-            for fp, r in zip(self.passes, recalled)]
-        return {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
+            read.correct(fp.ori[None].float(), r[None], p) if on else fp.ori[None].float())), fp.high).items()}
+            for fp, r, on in zip(self.passes, recalled, corrected)]
+        means = {**self.ori_means, **mean_scores(mem_rows, ["mem_psnr", "mem_ssim"])}
+        return {**means, "mem_corrected": float(sum(corrected))} if read.abstains else means
 
 
 class ImageEntries(torch.utils.data.Dataset):
@@ -255,9 +268,9 @@ def training_entries(args: argparse.Namespace, enhancer: torch.nn.Module, encode
                      pairs: list[ImagePair], cache: Path, config: MemoryConfig, auto: bool, log: RunLog,
                      device: torch.device) -> tuple[torch.utils.data.Dataset, list[FrozenPass] | None]:
     """What the memory is written from (--entries), and the enhancer passes of the training pairs
-    when image entries or --strength auto need them."""
+    when image entries, --strength auto or --abstain need them."""
     passes = None
-    if args.entries == "images" or auto:
+    if args.entries == "images" or auto or args.abstain != "off":
         start = time.perf_counter()
         passes = cached_passes(enhancer, pairs, device, cache, args.border_margin, "train pairs")
         log.line(f"enhancer passes of {len(pairs)} training pairs ready in {time.perf_counter() - start:.0f} s "
@@ -275,7 +288,8 @@ def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder:
     val = None
     if pairs:
         passes = cached_passes(enhancer, pairs, device, cache, args.border_margin, "validation pairs")
-        val = ValidationSet(passes, image_queries(passes, pairs, encoder, args.query_encoder, device))
+        val = ValidationSet(passes, image_queries(passes, pairs, encoder, args.query_encoder, device),
+                            input_scenes(pairs) if args.abstain != "off" else None)
     else:
         log.line("no validation pairs: memory_best.pth will not be written")
     if val is not None and is_test_set(args.val_dir):
@@ -288,12 +302,13 @@ def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder:
 def checkpoint_extra(args: argparse.Namespace, enhancer: torch.nn.Module, pairs: list[ImagePair],
                      passes: list[FrozenPass] | None) -> dict:
     """What every checkpoint of the run stores beside the memory: the enhancer that fills it
-    (test.py refuses another), the run's flags and the training images' names and thumbnails."""
+    (test.py refuses another), the run's flags and the training images' names, thumbnails and
+    input scenes (for the abstention rule)."""
     highs = [fp.high for fp in passes] if passes is not None else [to_uint8(read_pair(pair)[1]) for pair in pairs]
     return {"enhancer_config": enhancer.config.to_dict(), "enhancer_weights": str(args.weights),
             "enhancer_fingerprint": enhancer_fingerprint(enhancer),
             "entries": args.entries, "border_margin": args.border_margin, "options": vars(args),
-            "sources": sources_payload([pair.name for pair in pairs], highs)}
+            "sources": sources_payload([pair.name for pair in pairs], highs, input_scenes(pairs))}
 
 
 class MemoryTrainer:
@@ -427,9 +442,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     trainer = MemoryTrainer(args, memory, head, optimizer, encoder, read, (loader, generator), val,
                             checkpoint_extra(args, enhancer, train_pairs, train_passes), models_dir, best, log, device)
     trainer.train(epoch)
-    if auto:
-        calibrate_final(memory, head, train_passes, train_pairs, encoder, args.query_encoder, read, models_dir,
-                        val, log, device)
+    if auto or args.abstain != "off":
+        finish_read(args, memory, head, train_passes, train_pairs, encoder, read, models_dir, val, log, device)
     elif val is not None and trainer.selects:
         log.line(f"finished: best val mem PSNR {trainer.best['mem_psnr']:.3f} at epoch {trainer.best['epoch']} "
                  f"(ori {trainer.best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
@@ -458,27 +472,40 @@ def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
                  "run on this enhancer; --clear_cache or deleting the folder removes them)")
 
 
-def calibrate_final(memory: ExternalMemory, head: QueryHead | None, passes: list[FrozenPass],
-                    pairs: list[ImagePair], encoder: torch.nn.Module, query_name: str, read: ReadSettings,
-                    models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
-    """--strength auto: choose the strength on the training pairs (leave-one-out reads) and store
-    it in memory_latest.pth, which is then also memory_best.pth (the validation split is only
-    reported, it chooses nothing)."""
-    queries = image_queries(passes, pairs, encoder, query_name, device)
+def finish_read(args: argparse.Namespace, memory: ExternalMemory, head: QueryHead | None,
+                passes: list[FrozenPass], pairs: list[ImagePair], encoder: torch.nn.Module, read: ReadSettings,
+                models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
+    """--strength auto and --abstain: fit the read on the training pairs and store it in
+    memory_latest.pth, which is then also memory_best.pth (the validation split is only reported,
+    it chooses nothing). The strength is calibrated first (leave-one-out reads), then the
+    abstention bounds for that strength (reads with the pair's own scene group hidden)."""
+    queries = image_queries(passes, pairs, encoder, args.query_encoder, device)
     if head is not None:
         queries = head(queries).detach()
-    strength, curve = calibrate_strength(memory, queries, [fp.ori for fp in passes], [fp.high for fp in passes],
-                                         read)
-    log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
-             ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()) + f" -> {strength}")
-    final = dataclasses.replace(read, strength=strength)
-    ckpt = torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
-    ckpt.update(read=final.to_checkpoint(), calibration={str(s): v for s, v in curve.items()})
+    ori, high = [fp.ori for fp in passes], [fp.high for fp in passes]
+    final, ckpt = read, torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
+    if args.strength == "auto":
+        strength, curve = calibrate_strength(memory, queries, ori, high, read)
+        log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
+                 ", ".join(f"{s}: {v:.3f}" for s, v in curve.items()) + f" -> {strength}")
+        final = dataclasses.replace(read, strength=strength)
+        ckpt["calibration"] = {str(s): v for s, v in curve.items()}
+    if args.abstain != "off":
+        groups = scene_groups(high)
+        final, fit = fit_abstention(args.abstain, memory, queries.cpu(), groups, ckpt["sources"]["scenes"].numpy(),
+                                    ori, high, final)
+        log.line(f"abstention ({args.abstain}) fitted on {fit['unseen_reads']} training pairs read as unseen scenes "
+                 f"({groups.max() + 1} scene groups): min_score {fit['min_score']}, min_scene {fit['min_scene']}; "
+                 f"it corrects {fit['corrected']} of them (mean gain {fit['mean_gain_all']:+.3f} dB correcting all, "
+                 f"{fit['mean_gain_with_rule']:+.3f} dB with the rule)")
+        ckpt["abstention_fit"] = fit
+    ckpt["read"] = final.to_checkpoint()
     if val is not None:
-        m = val.evaluate(memory, head, final)
+        m = val.evaluate(memory, head, final, ckpt["sources"]["scenes"].numpy())
         ckpt["best"] = {**m, "epoch": ckpt["epoch"]}
+        corrected = f", corrected {m['mem_corrected']:.0f}/{len(val.passes)}" if final.abstains else ""
         log.line(f"finished: val ori PSNR {m['ori_psnr']:.3f} | mem PSNR {m['mem_psnr']:.3f} SSIM "
-                 f"{m['mem_ssim']:.4f} at strength {strength}; memory in {models_dir}")
+                 f"{m['mem_ssim']:.4f} at strength {final.strength_flag}{corrected}; memory in {models_dir}")
     for name in ("memory_latest.pth", "memory_best.pth"):
         save_checkpoint(models_dir / name, ckpt)
 

@@ -7,10 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.abstention import RULES
 from models.enhancer import ARCH_PRESETS
-from utils import config
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
+from utils import config
 from utils.errors import UserError, is_write_fault, register_output, write_error
 
 DEFAULT_VAL_PERCENT = 10.0
@@ -127,6 +128,16 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     p.add_argument("--query_weights", default=None,
                    help="torchvision resnet18 state_dict for --query_encoder resnet18 (default: the torch "
                         "hub cache, downloaded once)")
+    if training:
+        p.add_argument("--abstain", choices=list(RULES), default="off",
+                       help="after training, fit when the memory leaves an image uncorrected, on the training "
+                            "pairs read as unseen scenes (models/abstention.py), and store it for test.py: "
+                            "by the read's top-1 score, by the scene match of the low-light input, or both; "
+                            "off: correct every image (the release)")
+    else:
+        p.add_argument("--abstain", choices=["stored", "off"], default="stored",
+                       help="stored: leave images uncorrected where the memory's stored rule says it has not "
+                            "seen their scene; off: correct every image (the release)")
 
 
 def add_max_memory_arg(p: argparse.ArgumentParser) -> None:

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from models.abstention import Decision, decide
 from models.memory import ExternalMemory, refine_with_memory
 from utils.errors import UserError
 
-STORED = ("top_k", "temperature", "strength", "pooling_mean")  # a checkpoint's "read", in this order
+# A checkpoint's "read", in this order; files older than the abstention bounds store the first four.
+STORED = ("top_k", "temperature", "strength", "pooling_mean", "min_score", "min_scene")
 
 
 def parse_strength(flag: str) -> float | None:
@@ -30,13 +32,17 @@ class ReadSettings:
     """How to read a memory and correct an output with what it recalls; the defaults are the
     release's. `top_k` slots weighted by softmax(score / `temperature`); `strength` None is the
     release's softmax correction, a number the gain strength (`refine_with_memory`);
-    `pooling_mean` one gain for the three channels; `query_encoder` the query of the memory."""
+    `pooling_mean` one gain for the three channels; `query_encoder` the query of the memory;
+    `min_score`, `min_scene` the abstention bounds (`models.abstention`; None: no bound, the
+    release corrects every image)."""
 
     top_k: int = 1
     temperature: float = 1.0
     strength: float | None = None
     pooling_mean: bool = False
     query_encoder: str | None = None
+    min_score: float | None = None
+    min_scene: float | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> ReadSettings:
@@ -53,11 +59,29 @@ class ReadSettings:
         changes = {k: v for k, v in given.items() if v is not None}
         if args.strength == "release":
             changes["strength"] = None
+        if getattr(args, "abstain", None) == "off":
+            changes.update(min_score=None, min_scene=None)
         return replace(self, **changes)
 
+    def with_bounds(self, min_score: float | None, min_scene: float | None) -> ReadSettings:
+        """These settings with the abstention bounds `min_score` and `min_scene`."""
+        return replace(self, min_score=min_score, min_scene=min_scene)
+
+    @property
+    def abstains(self) -> bool:
+        """Whether this read may leave an image uncorrected."""
+        return self.min_score is not None or self.min_scene is not None
+
+    def decide(self, score: float, scene_match: float | None) -> Decision:
+        """Whether an image whose read scores `score` and whose scene match is `scene_match` is
+        corrected (`models.abstention.decide`)."""
+        return decide(score, scene_match, self.min_score, self.min_scene)
+
     def to_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint's "read" entry (the query encoder is stored beside it)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in STORED}
+        """The checkpoint's "read" entry (the query encoder is stored beside it); bounds only when
+        set, so a read without abstention is stored as before them."""
+        stored = {f.name: getattr(self, f.name) for f in fields(self) if f.name in STORED}
+        return {k: v for k, v in stored.items() if v is not None or k not in ("min_score", "min_scene")}
 
     @property
     def strength_flag(self) -> float | str:

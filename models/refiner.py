@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.abstention import Decision, scene_match, scene_vectors
 from models.enhancer import EMNetEnhancer
 from models.loading import enhancer_fingerprint
 from models.memory import ExternalMemory
@@ -55,11 +56,9 @@ class MemoryRefiner(nn.Module):
         ("unknown" without stored sources), sample `index` and cosine `score`, best first."""
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
-            scores = self.memory.scores(self.query(low.float(), features))
-        written = self.memory.top_index >= 0
-        if written.any():
-            scores = scores.masked_fill(~written, -float("inf"))
-        best, slots = scores.topk(min(n, int(written.sum()) or n), dim=1)
+            query = self.query(low.float(), features)
+        written = int((self.memory.top_index >= 0).sum())
+        best, slots = self.memory.ranked(query, min(n, written or n))
         return [[{"name": self.sources.name(int(self.memory.top_index[j])),
                   "index": int(self.memory.top_index[j]), "score": round(float(s), 4)}
                  for s, j in zip(row_s, row_j)] for row_s, row_j in zip(best, slots)]
@@ -69,10 +68,36 @@ class MemoryRefiner(nn.Module):
         """`enhanced` (B, 3, H, W) corrected towards the `recalled` colour, as this memory reads."""
         return self.read.correct(enhanced.float(), recalled, self.memory.config.pooling_size)
 
+    @torch.no_grad()
+    def decide(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> list[Decision]:
+        """Per input (B), whether the memory corrects it and why (`ReadSettings.decide`): from
+        the read's top-1 score and, where the memory stores its inputs' scenes, the scene match."""
+        with torch.autocast(low.device.type, enabled=False):
+            features = [f.float() for f in features] if features is not None else None
+            best, _ = self.memory.ranked(self.query(low.float(), features), 1)
+        known = self.sources.scenes
+        matches = scene_match(scene_vectors(low.cpu()), known) if known is not None else [None] * len(low)
+        return [self.read.decide(float(s), None if m is None else float(m)) for s, m in zip(best[:, 0], matches)]
+
+    @torch.no_grad()
+    def refine(self, low: torch.Tensor, enhanced: torch.Tensor, features: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, list[Decision]]:
+        """(output, decisions): `enhanced`, the enhancer output for `low`, corrected where the
+        memory decides to and left as it is (clamped to [0, 1]) where it abstains."""
+        decisions = self.decide(low, features)
+        out = self.correct(enhanced, self.recall(low, features))
+        keep = torch.tensor([not d.corrected for d in decisions], device=out.device)
+        if keep.any():
+            out = torch.where(keep[:, None, None, None], enhanced.float().clamp(0, 1), out)
+        return out, decisions
+
     def forward(self, low: torch.Tensor, enhanced: torch.Tensor,
                 features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The memory-corrected version of `enhanced`, the enhancer output for `low`."""
-        return self.correct(enhanced, self.recall(low, features))
+        """The memory-corrected version of `enhanced`, the enhancer output for `low` (unchanged
+        where the memory abstains)."""
+        if not self.read.abstains:
+            return self.correct(enhanced, self.recall(low, features))
+        return self.refine(low, enhanced, features)[0]
 
 
 def check_enhancer(ckpt: dict[str, Any], path: str | Path, enhancer: EMNetEnhancer,
@@ -129,7 +154,11 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
                         f"{memory.config.mem_size} of memory {path}")
     if read.temperature <= 0:
         raise UserError(f"--temperature {read.temperature} must be positive")
-    return MemoryRefiner(encoder, memory, head, replace(read, query_encoder=name), EntrySources(ckpt)).eval()
+    sources = EntrySources(ckpt)
+    if read.min_scene is not None and sources.scenes is None:
+        raise UserError(f"memory {path} abstains by scene match but stores no scenes of its training inputs; "
+                        "retrain it with train_memory.py --abstain, or read it with --abstain off")
+    return MemoryRefiner(encoder, memory, head, replace(read, query_encoder=name), sources).eval()
 
 
 def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
