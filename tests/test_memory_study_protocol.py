@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.memory_study import VARIANTS, Variant, fold_corrections, predictability
+from benchmarks.memory_kfold.folds import Corrections, Fold, fold_corrections
+from benchmarks.memory_kfold.predictor import predictability
+from benchmarks.memory_kfold.statistics import PassStatistics
+from benchmarks.memory_kfold.variants import BOUND_BASE, BUNDLED_READ, BY_NAME, VARIANTS, StrengthRule
 from dataset.scene_groups import grouped_folds, scene_groups
 from models.frozen_pass import FrozenPass
 
@@ -65,39 +68,100 @@ def poisoned(fp: FrozenPass, level: int) -> FrozenPass:
     return FrozenPass(fp.name, fp.ori, np.full_like(fp.high, level), fp.level_mean, fp.level_std, fp.latent)
 
 
-FITTED = [v for v in VARIANTS if v.entries == "images" and (v.strength is not None or v.value == "ratio")]
+def make_fold(train: list[FrozenPass], held: list[FrozenPass]) -> Fold:
+    """Scene groups of two shots each, each group's input scene one basis vector; the first half
+    of the held-out inputs show training scenes (seen), the rest new ones (orthogonal to all)."""
+    basis = np.eye(384)
+    groups = np.arange(len(train)) // 2
+    half = len(held) // 2
+    held_scenes = np.concatenate([basis[:half], basis[100:100 + len(held) - half]])
+    return Fold(train, groups, basis[groups], held, held_scenes)
 
 
-@pytest.mark.parametrize("variant,bound", [(v, None) for v in FITTED] +
-                         [(VARIANTS[2], "constant"), (VARIANTS[2], "predictor")],
-                         ids=[v.name for v in FITTED] + ["constant", "predictor"])
+FITTED = [v for v in VARIANTS if v.entries == "images" and
+          (v.strength.rule is not StrengthRule.RELEASE or v.value == "ratio" or v.abstain != "off")]
+CASES = [(v, None) for v in FITTED] + [(BOUND_BASE, "constant"), (BOUND_BASE, "predictor")]
+IDS = [v.name for v in FITTED] + ["constant", "predictor"]
+
+
+def same(a: Corrections, b: Corrections) -> bool:
+    return (all(torch.allclose(ra, rb) for ra, rb in zip(a.recalled, b.recalled)) and a.strengths == b.strengths
+            and a.corrected == b.corrected and str(a.fitted) == str(b.fitted))
+
+
+@pytest.mark.parametrize("variant,bound", CASES, ids=IDS)
 def test_held_out_ground_truth_never_reaches_what_is_fitted(variant, bound):
-    """A fold's corrections of its held-out pairs (recalled colour, strength, fitted settings) stay
-    the same when the held-out pairs' ground truth is replaced by noise: it reached no fitted
-    part. The oracle bound, which reads it on purpose, changes (the test can fail)."""
+    """A fold's corrections of its held-out pairs (recalled colour, strength, abstention, fitted
+    settings) stay the same when the held-out pairs' ground truth is replaced by a flat image:
+    it reached no fitted part. The same comparison sees the training pairs' ground truth reach
+    them (the control: the test can fail)."""
     rng = np.random.default_rng(0)
     passes = [fake_pass(i, rng) for i in range(16)]
     train, held = passes[:8], passes[8:]
-    groups = np.arange(8) // 2
-    a = fold_corrections(variant, train, held, groups, 8, 0, bound)
+    a = fold_corrections(variant, make_fold(train, held), 8, 0, PassStatistics(), bound)
     for level in (0, 255):
-        b = fold_corrections(variant, train, [poisoned(fp, level) for fp in held], groups, 8, 0, bound)
-        for ra, rb in zip(a[0], b[0]):
-            assert torch.allclose(ra, rb)
-        assert a[1] == b[1] and str(a[2]) == str(b[2])
-    oracle = fold_corrections(VARIANTS[2], train, [poisoned(fp, 255) for fp in held], groups, 8, 0, "oracle")
-    assert not all(torch.allclose(ra, ro) for ra, ro in zip(a[0], oracle[0]))
+        b = fold_corrections(variant, make_fold(train, [poisoned(fp, level) for fp in held]), 8, 0,
+                             PassStatistics(), bound)
+        assert same(a, b)
+    leaked = fold_corrections(variant, make_fold([poisoned(fp, 255) for fp in train], held), 8, 0,
+                              PassStatistics(), bound)
+    assert not same(a, leaked)
 
 
-def test_predictability_is_cross_validated():
-    """R^2 of the ratio predictor is finite per channel and at most 1."""
+def perfect_outputs(n: int) -> list[FrozenPass]:
+    """Passes whose enhancer outputs equal their targets: any correction towards another scene's
+    colour loses."""
+    rng = np.random.default_rng(3)
+    passes = []
+    for i in range(n):
+        fp = fake_pass(i, rng)
+        passes.append(FrozenPass(fp.name, torch.from_numpy(fp.high).permute(2, 0, 1).half() / 255, fp.high,
+                                 fp.level_mean, fp.level_std, fp.latent))
+    return passes
+
+
+def test_fitted_strength_can_switch_the_memory_off():
+    """The study's strength grid is calibration's, 0 included: where unseen recall loses, the
+    fitted strength is 0 (no correction), not the grid's smallest correction."""
+    passes = perfect_outputs(16)
+    variant = BY_NAME["images, levels, k=1, ratio value, fitted strength"]
+    c = fold_corrections(variant, make_fold(passes[:8], passes[8:]), 8, 0, PassStatistics())
+    assert c.fitted["smax"] == 0.0 and set(c.strengths) == {0.0}
+
+
+def test_abstention_in_a_fold_corrects_seen_scenes_only():
+    """Where correcting unseen scenes loses, the rule fitted on the training folds corrects the
+    held-out passes whose input scene the training folds hold and leaves the new scenes alone."""
+    passes = perfect_outputs(16)
+    variant = BY_NAME["images, levels, k=1, softmax, abstain by scene"]
+    c = fold_corrections(variant, make_fold(passes[:8], passes[8:]), 8, 0, PassStatistics())
+    assert c.fitted["min_scene"] is not None
+    assert c.corrected == [True] * 4 + [False] * 4
+
+
+def test_predictability_tells_a_predictable_correction_from_noise():
+    """The cross-validated R^2 is high where the needed correction can be read off the output (its
+    targets share one brightness, so the output's brightness gives the gain) and near or below
+    zero where the same outputs get their gains shuffled (noise to every feature). The encoder
+    statistics are one constant, so the output's statistics are the features that vary."""
     rng = np.random.default_rng(1)
-    passes = [fake_pass(i, rng) for i in range(12)]
-    groups = np.arange(12) // 2
-    out = predictability(passes, grouped_folds(groups, 3, 0), groups, 0)
-    assert len(out["r2_per_channel"]) == 3 and all(np.isfinite(out["r2_per_channel"]))
-    assert max(out["r2_per_channel"]) <= 1
+    base = [fake_pass(i, rng) for i in range(24)]
+    gains = np.exp(rng.normal(0, 0.3, 24))
+    groups = np.arange(24) // 2
+    folds = grouped_folds(groups, 3, 0)
+
+    def pair(fp: FrozenPass, target_gain: float, output_gain: float) -> FrozenPass:
+        flat = fp.high.astype(np.float64) * (100 / fp.high.mean())  # every target of mean 100
+        ori = torch.from_numpy(flat / 255 / output_gain).permute(2, 0, 1).clamp(0, 1)
+        high = np.clip(ori.permute(1, 2, 0).numpy() * target_gain * 255, 0, 255).round().astype(np.uint8)
+        return FrozenPass(fp.name, ori.half(), high, base[0].level_mean, base[0].level_std, fp.latent)
+
+    predictable = [pair(fp, g, g) for fp, g in zip(base, gains)]
+    shuffled = [pair(fp, g, h) for fp, g, h in zip(base, rng.permutation(gains), gains)]
+    r2_predictable = predictability(predictable, folds, groups, 0, PassStatistics())["r2_mean"]
+    r2_noise = predictability(shuffled, folds, groups, 0, PassStatistics())["r2_mean"]
+    assert r2_predictable > 0.8 and r2_noise < 0.2
 
 
-def test_variant_names_are_unique():
-    assert len({v.name for v in VARIANTS}) == len(VARIANTS) and isinstance(VARIANTS[0], Variant)
+def test_variant_names_are_unique_and_named():
+    assert len(BY_NAME) == len(VARIANTS) and BY_NAME[BUNDLED_READ].query == "enhancer_levels"
