@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import sys
 import warnings
 from pathlib import Path
 
@@ -120,7 +121,11 @@ def export_refiner(args: argparse.Namespace, enhancer: EMNetEnhancer) -> MemoryR
                         "p = 1 memories can be exported (ONNX has no adaptive pooling for dynamic sizes)")
     refiner = refiner_from_flags(memory, ckpt, args, enhancer)
     refiner.memory = written_slots(memory, args.mem_weights)
-    refiner.read = dataclasses.replace(refiner.read, top_k=min(refiner.read.top_k, refiner.memory.config.mem_size))
+    if refiner.read.abstains:
+        print(f"note: memory {args.mem_weights} abstains on scenes it has not seen; the ONNX graph cannot match "
+              "scenes and corrects every image (as test.py --abstain off)", file=sys.stderr)
+    refiner.read = dataclasses.replace(refiner.read, top_k=min(refiner.read.top_k, refiner.memory.config.mem_size),
+                                       min_score=None, min_scene=None)
     return refiner
 
 
