@@ -111,6 +111,29 @@ class ExternalMemory(nn.Module):
         weights = (scores / temperature).softmax(dim=1)
         return (weights[..., None] * self.value[idx]).sum(dim=1)
 
+    @torch.no_grad()
+    def leave_one_out_scores(self, chunk: int = 1024) -> torch.Tensor:
+        """The memory's own training reads, left one out: for each written slot, the best cosine
+        score of its key against the written slots of the other training samples (1-D, on the CPU).
+
+        A reference for a new image's best score (`utils.memory_effect.ScoreReference`). Memories
+        with no written slot (`top_index` all -1) read all slots, each against all but itself.
+        Slots with nothing left to read against give no score. `chunk` rows at a time bound the
+        (chunk, slots) score matrix: 9000 slots x 512-d take a few seconds on a CPU.
+        """
+        written = self.top_index >= 0
+        slots = written.nonzero(as_tuple=True)[0] if written.any() else torch.arange(len(written), device=written.device)
+        keys, owner = self.key[slots].float(), self.top_index[slots]
+        best = []
+        for start in range(0, len(slots), chunk):
+            rows = torch.arange(start, min(start + chunk, len(slots)), device=keys.device)
+            scores = keys[rows] @ keys.t()  # (c, n)
+            same = (owner[rows, None] == owner[None]) & (owner[rows, None] >= 0)
+            same[torch.arange(len(rows), device=keys.device), rows] = True  # never the slot itself
+            best.append(scores.masked_fill(same, -float("inf")).max(dim=1).values)
+        found = torch.cat(best) if best else torch.zeros(0)
+        return found[torch.isfinite(found)].cpu()
+
 
 def refine_with_memory(y: torch.Tensor, recalled: torch.Tensor, pooling_size: int,
                        pooling_mean: bool = False, strength: float | None = None) -> torch.Tensor:
