@@ -44,7 +44,7 @@ class ScoreReference:
         """The percentage (0-100, one decimal) of reference scores <= `score`; None without any."""
         if not len(self.scores):
             return None
-        return round(100.0 * np.searchsorted(self.scores, score, side="right") / len(self.scores), 1)
+        return round(100.0 * float(np.searchsorted(self.scores, score, side="right")) / len(self.scores), 1)
 
 
 @dataclass(frozen=True)
