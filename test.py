@@ -5,7 +5,9 @@ Writes RESULT_DIR/ori/<name>.png (the enhancer) and, with --mem_weights, RESULT_
 summary.json and result.txt (means; a run stopped by Ctrl-C or SIGTERM writes them for the images
 already done); a second run into the same RESULT_DIR meanwhile is refused
 (utils/folder_lock.py). Without a high/ folder the images are only enhanced. With a
-memory, metrics.csv and summary.json name its best entries for each image (`recalled`).
+memory, metrics.csv and summary.json name its best entries for each image (`recalled`) and what it
+changed (gain per channel, brightness, the best score's percentile: utils/memory_effect.py), and
+the console says how many images it brightened, darkened or left unchanged.
 --pictures also writes RESULT_DIR/strips/<name>.jpg (low | ori | mem | ground truth) and index.html.
 --enhanced_dir DIR takes another method's outputs instead of our enhancer (plug-and-play). Example:
     python test.py --weights pre_trained_logs/enhancer/model_lolv1.pth --arch emnet_enhancer --embed_dim 32 \
@@ -41,6 +43,7 @@ from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
 from utils.folder_lock import FolderLock
+from utils.memory_effect import effect_line
 from utils.perceptual import LPIPS_CONVENTION, build_lpips
 from utils.pictures import write_pictures
 from utils.report import METRICS, format_table, write_report
@@ -133,6 +136,8 @@ def main(args: argparse.Namespace) -> None:
     summary = write_report(result_dir, rows, columns, meta)
     if columns:
         print(format_table(rows, columns, summary["mean"], summary["ci95"]))
+    if summary.get("memory_effect"):
+        print(effect_line([r["memory_effect"] for r in rows if "memory_effect" in r]))
     print(f"{len(rows)} images in {seconds:.1f} s on {device}; results in {result_dir}")
     if args.pictures:
         page = write_pictures(result_dir, pairs, rows, columns, summary, stages,

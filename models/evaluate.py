@@ -18,6 +18,7 @@ from dataset.pairing import ImagePair, name_key
 from models.inference import BORDER_MARGIN, enhance, enhance_with_features
 from utils.errors import UserError
 from utils.image_io import image_to_tensor, is_image_file, read_image, tensor_to_image, to_uint8, write_image
+from utils.memory_effect import measure_effect
 from utils.report import score
 
 
@@ -40,8 +41,11 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
                    lpips: nn.Module | None = None, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
     `mem_...` with a `refiner`; `..._lpips` with an `lpips` model, `utils.perceptual.LPIPS`).
-    A refiner with `top_entries` (`models.refiner.MemoryRefiner`) adds `recalled`: the memory's
-    best entries for the image (training-image name, sample index, score).
+    With a refiner, `memory_effect` holds what the memory changed (`utils.memory_effect.MemoryEffect`:
+    gain per channel, brightness ori -> mem, ground truth or not; with a `MemoryRefiner`, whether it
+    corrected the image or abstained, and why). A refiner with `top_entries`
+    (`models.refiner.MemoryRefiner`) adds `recalled`: the memory's best entries for the image
+    (training-image name, sample index, score and its percentile among the memory's own reads).
 
     `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
@@ -73,7 +77,14 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
         if refiner is not None:
             if hasattr(refiner, "top_entries"):
                 row["recalled"] = refiner.top_entries(x, features)[0]
-            mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
+            if hasattr(refiner, "refine"):
+                out, (decision,) = refiner.refine(x, y, features)
+                mem8 = to_uint8(tensor_to_image(out))
+                row["memory_effect"] = measure_effect(ori8, mem8, row.get("recalled", ()), decision.corrected,
+                                                      decision.reason)
+            else:
+                mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
+                row["memory_effect"] = measure_effect(ori8, mem8, row.get("recalled", ()))
             _scored(row, "mem_", mem8, high, lpips, device)
             if mem_dir is not None:
                 write_image(mem_dir / f"{pair.name}.png", mem8)

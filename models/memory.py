@@ -125,6 +125,28 @@ class ExternalMemory(nn.Module):
         weights = (scores / temperature).softmax(dim=1)
         return (weights[..., None] * self.value[idx]).sum(dim=1)
 
+    @torch.no_grad()
+    def leave_one_out_scores(self, chunk: int = 1024) -> torch.Tensor:
+        """The memory's own training reads, left one out: for each written slot, the best cosine
+        score of its key against the written slots of the other training samples (1-D, on the CPU).
+
+        A reference for a new image's best score (`utils.memory_effect.ScoreReference`). Memories
+        with no written slot (`top_index` all -1) read all slots, each against all but itself.
+        Slots with nothing left to read against give no score. `chunk` rows at a time bound the
+        (chunk, slots) score matrix: 9000 slots x 512-d take a few seconds on a CPU.
+        """
+        written = self.top_index >= 0
+        slots = written.nonzero(as_tuple=True)[0] if written.any() else torch.arange(len(written), device=written.device)
+        best = []
+        for start in range(0, len(slots), chunk):
+            rows = slots[start:start + chunk]
+            owner = self.top_index[rows, None]
+            hide = (self.top_index[None] == owner) & (owner >= 0)  # the slots of the row's own sample
+            hide[torch.arange(len(rows), device=rows.device), rows] = True  # never the slot itself
+            best.append(self.ranked(self.key[rows].float(), 1, hide)[0][:, 0])
+        found = torch.cat(best) if best else torch.zeros(0)
+        return found[torch.isfinite(found)].cpu()
+
 
 def refine_with_memory(y: torch.Tensor, recalled: torch.Tensor, pooling_size: int,
                        pooling_mean: bool = False, strength: float | None = None) -> torch.Tensor:

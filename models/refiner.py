@@ -17,6 +17,7 @@ from models.provenance import EntrySources
 from models.query import ENHANCER_DESCRIPTORS, EnhancerQuery, QueryHead, build_query_encoder
 from models.read_settings import ReadSettings
 from utils.errors import UserError
+from utils.memory_effect import ScoreReference
 
 
 class MemoryRefiner(nn.Module):
@@ -28,6 +29,15 @@ class MemoryRefiner(nn.Module):
         super().__init__()
         self.encoder, self.memory, self.head, self.read = encoder, memory, head, read
         self.sources = sources or EntrySources({})
+        self._reference: ScoreReference | None = None
+
+    @property
+    def score_reference(self) -> ScoreReference:
+        """The memory's own training reads (`ExternalMemory.leave_one_out_scores`), computed on
+        first use and kept: a refiner's memory does not change."""
+        if self._reference is None:
+            self._reference = ScoreReference(self.memory.leave_one_out_scores().numpy())
+        return self._reference
 
     def query(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Unit-norm queries (B, key_dim) of low-light inputs (B, 3, H, W). With the enhancer
@@ -53,14 +63,16 @@ class MemoryRefiner(nn.Module):
     def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
                     n: int = 3) -> list[list[dict[str, Any]]]:
         """Per input (B), the `n` best-scoring written slots: their training sample's `name`
-        ("unknown" without stored sources), sample `index` and cosine `score`, best first."""
+        ("unknown" without stored sources), sample `index`, cosine `score` and its `percentile`
+        among the memory's own reads (`score_reference`), best first."""
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
             query = self.query(low.float(), features)
         written = int((self.memory.top_index >= 0).sum())
         best, slots = self.memory.ranked(query, min(n, written or n))
+        rank = self.score_reference.percentile
         return [[{"name": self.sources.name(int(self.memory.top_index[j])),
-                  "index": int(self.memory.top_index[j]), "score": round(float(s), 4)}
+                  "index": int(self.memory.top_index[j]), "score": round(float(s), 4), "percentile": rank(float(s))}
                  for s, j in zip(row_s, row_j)] for row_s, row_j in zip(best, slots)]
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from conftest import write_png
 from dataset.pairing import find_pairs
 from utils import headless
 from utils.image_io import read_image, to_uint8
+from utils.memory_effect import measure_effect
 from utils.page import natural_key
 from utils.pictures import write_pictures
 from utils.report import score, write_report
@@ -41,12 +42,15 @@ def fake_run(root: Path, with_high: bool = True) -> tuple[Path, list[dict]]:
     result = root / "res"
     rows = []
     for p in pairs:
-        row = {"name": p.name, "recalled": [{"name": f"train{len(rows)}", "index": len(rows), "score": 0.5}]}
+        row = {"name": p.name, "recalled": [{"name": f"train{len(rows)}", "index": len(rows), "score": 0.5,
+                                             "percentile": 40.0}]}
+        images = {}
         for stage in STAGES:
-            img = smooth(rng, 0.8)
-            write_png(result / stage / f"{p.name}.png", img)
+            images[stage] = smooth(rng, 0.8)
+            write_png(result / stage / f"{p.name}.png", images[stage])
             if with_high:
-                row.update({f"{stage}_{k}": v for k, v in score(img, to_uint8(read_image(p.high))).items()})
+                row.update({f"{stage}_{k}": v for k, v in score(images[stage], to_uint8(read_image(p.high))).items()})
+        row["memory_effect"] = measure_effect(images["ori"], images["mem"], row["recalled"])
         rows.append(row)
     columns = [f"{s}_{m}" for s in STAGES for m in ("psnr", "ssim", "gt_mean_psnr")] if with_high else []
     summary = write_report(result, rows, columns, {"weights": "w.pth"})
@@ -64,6 +68,8 @@ def test_page_html_is_self_contained_and_summarised(tmp_path):
     assert "http://" not in page and "https://" not in page and "<script src" not in page
     assert "<link " not in page
     assert re.findall(r'<tr data-i="\d+"><td>([^<]*)</td>', page) == ["1", "22", "111", "146", "a b"]
+    effects = list(rows[0]["memory_effect"].columns())
+    assert re.findall(r'<th class="sortable" data-col="([^"]*)">', page)[-len(effects):] == effects
     diff = summary["mem_minus_ori"]["psnr"]["mean"]
     assert diff == pytest.approx(np.mean([r["mem_psnr"] - r["ori_psnr"] for r in rows]), abs=1e-12)
     lo, hi = summary["ci95"]["mem_minus_ori_psnr"]
@@ -124,6 +130,8 @@ def test_page_in_headless_chromium(browser, tmp_path):
         value = {r["name"]: (r["mem_psnr"] - r["ori_psnr"] if col == "mem_minus_ori_psnr" else r[col]) for r in rows}
         assert report["sorted"][col] == sorted(value, key=value.get), col
     assert report["loaded"] == ["low", "ori", "mem", "gt"]
+    shown = next(r for r in rows if r["name"] == report["image"])["memory_effect"]
+    assert report["effect"] == f"memory: {shown.describe()}" and "percentile 40" in report["effect"]
     pair = {p.name: p for p in find_pairs(tmp_path / "data")}[report["image"]]
     files = {"low": pair.low, "ori": result / "ori" / f"{pair.name}.png",
              "mem": result / "mem" / f"{pair.name}.png", "gt": pair.high}

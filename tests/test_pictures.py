@@ -183,7 +183,8 @@ def test_pictures_end_to_end(pictures_run):
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page).group(1))
     assert fields[-1] == "recalled"
     diffs = ["mem_minus_ori_psnr", "mem_minus_ori_ssim"]
-    assert re.findall(r'<th class="sortable" data-col="([^"]*)">', page) == [*fields[:-1], *diffs]
+    metrics, effects = fields[:fields.index("gain_r")], fields[fields.index("gain_r"):-1]
+    assert re.findall(r'<th class="sortable" data-col="([^"]*)">', page) == [*metrics, *diffs, *effects]
     assert [[e["name"] for e in im["recalled"]] for im in data["images"]] == [["unknown"] * 3] * 2  # no sources stored
     for r in rows:
         assert f"<td>{r['name']}</td>" in page

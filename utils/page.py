@@ -2,11 +2,13 @@
 
 One file that opens from file:// with no network: the CSS and JavaScript of `utils/page_assets/`
 are inlined, the images are relative links. On top, the summary (means, their 95% intervals and
-the mem - ori differences); then a table of the metrics.csv columns plus mem - ori per metric,
-sortable by any column (numbers as numbers, names in natural order: 1, 22, 111, 146); then a
-viewer of one photo at a time: a before/after slider between any two of low, ori, mem and ground
-truth, zoom panes that show the same region of every stage at 1:1 or 2x, the memory's recalled
-entries, links to the full-size files. Keys: left/right arrows move the slider, n/p go to the
+the mem - ori differences; with a memory, how many images it brightened, darkened or left
+unchanged); then a table of the metrics.csv columns plus mem - ori per metric and the memory's
+effect per image (gain per channel, brightness, the best score's percentile: with or without
+ground truth), sortable by any column (numbers as numbers, names in natural order: 1, 22, 111,
+146); then a viewer of one photo at a time: a before/after slider between any two of low, ori, mem
+and ground truth, zoom panes that show the same region of every stage at 1:1 or 2x, what the
+memory changed and recalled, links to the full-size files. Keys: left/right arrows move the slider, n/p go to the
 next/previous photo. Loaded with `#selftest`, the page drives itself and writes a JSON verdict
 into `<pre id="selftest">` (read back by the browser test).
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from utils.atomic import atomic_write_text
 from utils.image_io import write_image
+from utils.memory_effect import EFFECT_NOTE, effect_columns, effect_line
 from utils.previews import PREVIEW_SIDE, ImagePair, PageImage, write_previews
 from utils.report import PAIRED
 
@@ -52,6 +55,21 @@ def with_diffs(row: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _cell(column: str, value: Any, as_stored: bool = False) -> str:
+    """One table cell: text for words (kept without `data-v`, so they sort as text), else a number
+    with its sort key, shown to 4 decimals (`as_stored`: as short as its stored rounding allows);
+    mem - ori differences coloured by sign."""
+    if isinstance(value, str):
+        return f"<td>{html.escape(value)}</td>"
+    v, text = _num(value)
+    if as_stored and value is not None:
+        text = f"{value:g}"
+    cls = "num"
+    if column.startswith("mem_minus") and v not in ("", "inf"):
+        cls += " pos" if float(v) > 0 else " neg" if float(v) < 0 else ""
+    return f'<td class="{cls}" data-v="{v}">{text}</td>'
+
+
 def _num(value: Any) -> tuple[str, str]:
     """(data-v attribute, shown text) of a table cell."""
     if value is None:
@@ -61,27 +79,39 @@ def _num(value: Any) -> tuple[str, str]:
     return repr(float(value)), f"{value:.4f}"
 
 
-def metrics_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str, float]) -> str:
-    """The sortable table: name, the metric columns, mem - ori; a row per image (natural name
-    order, `data-i` = its index in `rows`) and the mean in the footer."""
-    cols = [*columns, *diff_columns(columns)]
+def _foot(value: Any) -> str:
+    """A footer cell: a mean, or the text of a word column's summary."""
+    return f"<td>{html.escape(value)}</td>" if isinstance(value, str) else f'<td class="num">{_num(value)[1]}</td>'
+
+
+def metrics_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str, Any],
+                  effects: Sequence[str] = ()) -> str:
+    """The sortable table: name, the metric columns, mem - ori, then the memory's `effects`
+    columns (`utils.memory_effect.MemoryEffect.columns`); a row per image (natural name order,
+    `data-i` = its index in `rows`) and the means (or a word column's summary) in the footer."""
+    cols = [*columns, *diff_columns(columns), *effects]
     head = "".join(f'<th class="sortable" data-col="{html.escape(c)}">{html.escape(c.replace("mem_minus_ori_", "mem - ori "))}</th>'
                    for c in ["name", *cols])
     order = sorted(range(len(rows)), key=lambda i: natural_key(str(rows[i]["name"])))
     body = []
     for i in order:
-        r = with_diffs(rows[i], columns)
-        cells = []
-        for c in cols:
-            v, text = _num(r.get(c))
-            cls = "num"
-            if c.startswith("mem_minus") and v not in ("", "inf"):
-                cls += " pos" if float(v) > 0 else " neg" if float(v) < 0 else ""
-            cells.append(f'<td class="{cls}" data-v="{v}">{text}</td>')
-        body.append(f'<tr data-i="{i}"><td>{html.escape(str(r["name"]))}</td>{"".join(cells)}</tr>')
-    foot = "".join(f'<td class="num">{_num(means.get(c))[1]}</td>' for c in cols)
+        effect = rows[i].get("memory_effect")
+        r = {**with_diffs(rows[i], columns), **(effect.columns() if effect is not None else {})}
+        cells = "".join(_cell(c, r.get(c), c in effects) for c in cols)
+        body.append(f'<tr data-i="{i}"><td>{html.escape(str(r["name"]))}</td>{cells}</tr>')
+    foot = "".join(_foot(means.get(c)) for c in cols)
     return (f'<table id="metrics">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body)
             + f'\n</tbody>\n<tfoot><tr class="mean"><td>mean</td>{foot}</tr></tfoot>\n</table>')
+
+
+def effect_means(summary: dict[str, Any]) -> dict[str, Any]:
+    """The footer of the effect columns: summary.json's `memory_effect` means, and the counts per
+    direction under `brightness_effect`."""
+    block = summary.get("memory_effect")
+    if not block:
+        return {}
+    counts = ", ".join(f"{n} {d}" for d, n in block["counts"].items())
+    return {**block["mean"], "brightness_effect": counts}
 
 
 def all_means(summary: dict[str, Any]) -> dict[str, float]:
@@ -104,10 +134,19 @@ def summary_list(summary: dict[str, Any], columns: list[str]) -> str:
     return '<ul class="summary">' + "".join(items) + "</ul>"
 
 
+def effect_intro(rows: list[dict[str, Any]]) -> str:
+    """The console's line on what the memory did (brightened, darkened, unchanged) and what the
+    effect columns mean, as HTML."""
+    line = effect_line([r["memory_effect"] for r in rows if r.get("memory_effect") is not None])
+    return (f'<p><b>{html.escape(line)}</b></p>'
+            f'<p class="note">What the memory changed, per image: {html.escape(EFFECT_NOTE)}.</p>')
+
+
 def _recalled(result_dir: Path, entries: list[dict[str, Any]],
               thumbnail_of: Callable[[int], np.ndarray | None] | None) -> list[dict[str, Any]]:
-    """The memory's best entries for one image with the relative URL of each thumbnail (written
-    to recalled/ once per training sample; None where the memory stores none)."""
+    """The memory's best entries for one image (name, score, its percentile among the memory's own
+    reads) with the relative URL of each thumbnail (written to recalled/ once per training sample;
+    None where the memory stores none)."""
     out = []
     for e in entries:
         thumb = thumbnail_of(e["index"]) if thumbnail_of is not None else None
@@ -118,7 +157,8 @@ def _recalled(result_dir: Path, entries: list[dict[str, Any]],
                 (result_dir / "recalled").mkdir(exist_ok=True)
                 write_image(result_dir / rel, thumb)
             rel = quote(rel)
-        out.append({"name": str(e["name"]), "score": float(e["score"]), "thumb": rel})
+        out.append({"name": str(e["name"]), "score": float(e["score"]), "percentile": e.get("percentile"),
+                    "thumb": rel})
     return out
 
 
@@ -133,8 +173,9 @@ def page_data(result_dir: Path, rows: list[dict[str, Any]], images: dict[str, Pa
         if im is None:
             continue
         recalled = _recalled(result_dir, r["recalled"], thumbnail_of) if r.get("recalled") else None
+        effect = r["memory_effect"].describe() if r.get("memory_effect") is not None else None
         data_images.append({"name": im.name, "w": im.width, "h": im.height, "preview": im.preview,
-                            "full": im.full, "recalled": recalled})
+                            "full": im.full, "recalled": recalled, "effect": effect})
     stages = [s for s in stages if all(s in im["preview"] for im in data_images)]
     right = "mem" if "mem" in stages else "ori"
     left = "ori" if right == "mem" else "low"
@@ -162,6 +203,7 @@ VIEWER = """<section id="viewer">
 <span id="zoom-where" class="note"></span></div>
 <div id="zooms"></div>
 <div class="bar note" id="links"></div>
+<div id="effect" class="note" hidden></div>
 <div id="recalled" class="recalled" hidden></div>
 </section>"""
 
@@ -183,16 +225,18 @@ def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str]
              f"<title>{title}</title>", f"<style>{(ASSETS / 'page.css').read_text()}</style></head><body>",
              f"<h1>{title}</h1>", f'<p class="note">{"<br>".join(html.escape(line) for line in info)}</p>',
              f"<h2>Metrics ({summary.get('num_images', len(rows))} images)</h2>"]
+    effects = effect_columns(rows)
     if columns:
         parts += [summary_list(summary, columns),
                   f'<p class="note">Intervals: {html.escape(str(summary.get("ci95_method", "")))}. '
                   f'Convention: {html.escape(str(summary.get("convention", "")))}. '
-                  "Click a column to sort, a row to view the photo.</p>",
-                  metrics_table(rows, columns, all_means(summary))]
+                  "Click a column to sort, a row to view the photo.</p>"]
     else:
         parts.append('<p class="note">No ground truth (high/): the images are enhanced only, no metrics.</p>')
-        if data["images"]:
-            parts.append(metrics_table(rows, [], {}))
+    if effects:
+        parts.append(effect_intro(rows))
+    if columns or effects or data["images"]:
+        parts.append(metrics_table(rows, columns, {**all_means(summary), **effect_means(summary)}, effects))
     if data["images"]:
         shown = " | ".join(s["title"] for s in data["stages"])
         parts += ["<h2>Images</h2>", f'<p class="note">Stages: {html.escape(shown)}. Previews at most '

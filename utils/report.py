@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from utils.atomic import atomic_write_many
+from utils.memory_effect import effect_columns, effect_line, effect_summary
 from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
 from utils.stats import RESAMPLES, bootstrap_ci
 
@@ -80,13 +81,33 @@ def format_table(rows: list[dict[str, Any]], columns: list[str], means: dict[str
     return "\n".join(lines)
 
 
+def effect_block(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's `memory_effect`: `utils.memory_effect.effect_summary` of the rows that carry
+    one, plus `images` (image name -> its columns); empty without a memory."""
+    effects = {r["name"]: r["memory_effect"] for r in rows if r.get("memory_effect") is not None}
+    if not effects:
+        return {}
+    return {**effect_summary(list(effects.values())), "images": {n: e.columns() for n, e in effects.items()}}
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as metrics.csv writes it: its memory effect as columns, its recalled entries as
+    `name:score` items."""
+    out = {**row, **(row["memory_effect"].columns() if row.get("memory_effect") is not None else {})}
+    if "recalled" in row:
+        out["recalled"] = " ".join(f"{e['name']}:{e['score']:.4f}" for e in row["recalled"])
+    return out
+
+
 def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str],
                  meta: dict[str, Any]) -> dict[str, Any]:
     """Write metrics.csv (a row per image), summary.json and result.txt (means with their 95%
     bootstrap intervals, `ci95`; the mean and interval of each paired mem - ori difference,
     `mem_minus_ori`); return the summary. Rows with `recalled` (the memory's best
     entries, `models.evaluate.evaluate_pairs`) add a `recalled` column of `name:score` items to
-    metrics.csv and a `recalled` map (image name -> entries) to summary.json.
+    metrics.csv and a `recalled` map (image name -> entries) to summary.json. Rows with a
+    `memory_effect` add its columns to metrics.csv (`utils.memory_effect.MemoryEffect.columns`),
+    a `memory_effect` block to summary.json (`effect_block`) and the console line to result.txt.
 
     The three are written to temporary names first and renamed together, so earlier results are
     replaced whole, and a fault while writing (a full disk) replaces none of them.
@@ -95,21 +116,23 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
     ci95 = intervals(rows, columns)
     diffs = {m: {"mean": mean, "ci95": [lo, hi]} for m, (mean, lo, hi) in paired_differences(rows).items()}
     recalled = {r["name"]: r["recalled"] for r in rows if "recalled" in r}
+    effects = effect_block(rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["name", *columns, *(["recalled"] if recalled else [])],
+    writer = csv.DictWriter(buf, fieldnames=["name", *columns, *effect_columns(rows), *(["recalled"] if recalled else [])],
                             extrasaction="ignore")
     writer.writeheader()
-    writer.writerows([{**r, "recalled": " ".join(f"{e['name']}:{e['score']:.4f}" for e in r["recalled"])}
-                      if "recalled" in r else r for r in rows])
+    writer.writerows([csv_row(r) for r in rows])
     summary = {"convention": METRIC_CONVENTION, "num_images": len(rows), "mean": means, "ci95": ci95,
                "ci95_method": CI_METHOD, **({"mem_minus_ori": diffs} if diffs else {}), **meta,
-               **({"recalled": recalled} if recalled else {})}
+               **({"memory_effect": effects} if effects else {}), **({"recalled": recalled} if recalled else {})}
     text = "\n".join([f"{k}: {v}" for k, v in meta.items()] + [f"metric convention: {METRIC_CONVENTION}",
                       f"images: {len(rows)}", f"intervals: {CI_METHOD}"] +
                      [f"mean {c}: {_fmt(v)}" + (f" (95% CI {ci95[c][0]:.4f} .. {ci95[c][1]:.4f})" if c in ci95 else "")
                       for c, v in means.items()] +
                      [f"mem_minus_ori_{m}: {d['mean']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})"
-                      for m, d in diffs.items()])
+                      for m, d in diffs.items()] +
+                     ([effect_line([r["memory_effect"] for r in rows if r.get("memory_effect") is not None])]
+                      if effects else []))
     atomic_write_many([(result_dir / "metrics.csv", buf.getvalue().encode()),
                        (result_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()),
                        (result_dir / "result.txt", (text + "\n").encode())])

@@ -106,14 +106,18 @@ function buildZooms() {
 }
 
 function showRecalled(img) {
+  const effect = $("effect");
+  effect.hidden = !img.effect;
+  effect.textContent = img.effect ? `memory: ${img.effect}` : "";
   const box = $("recalled");
   box.replaceChildren();
   if (!img.recalled) { box.hidden = true; return; }
   box.hidden = false;
-  box.append(document.createTextNode("recalled by the memory (training image, score):"));
+  box.append(document.createTextNode("recalled by the memory (training image, score, percentile among the memory's own reads):"));
   for (const e of img.recalled) {
     const fig = document.createElement("figure");
-    const label = `${e.name} (${e.score.toFixed(3)})`;
+    const rank = e.percentile === null || e.percentile === undefined ? "" : `, p${e.percentile}`;
+    const label = `${e.name} (${e.score.toFixed(3)}${rank})`;
     if (e.thumb) {
       const im = document.createElement("img");
       im.src = e.thumb;
@@ -258,6 +262,7 @@ async function selfTest(ready) {
     const r = $("compare").getBoundingClientRect();
     $("compare").dispatchEvent(new MouseEvent("mousemove", {clientX: r.left + 0.3 * r.width, clientY: r.top + 0.6 * r.height, bubbles: true}));
     report.image = DATA.images[state.index].name;
+    report.effect = $("effect").hidden ? null : $("effect").textContent;
     report.loaded = DATA.stages.filter((s) => state.full[s.key]).map((s) => s.key);
     report.zoom = [];
     for (const z of [1, 2]) {
