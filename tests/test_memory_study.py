@@ -11,6 +11,7 @@ import pytest
 
 from conftest import assert_ran, run_script, write_enhancer_checkpoint, write_png
 from models.loading import load_memory
+from utils.image_io import read_image
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,14 @@ def test_memory_study_runs_every_image_once_and_resumes(tiny_setup):
 
 @pytest.mark.slow
 def test_train_memory_image_entries_calibrated_and_read_by_test_py(tiny_setup):
-    """--entries images --strength auto: one slot per training pair, the calibrated strength and
-    its curve stored in the memory; test.py reads with the stored settings and reports them."""
+    """--entries images --strength auto --abstain scene: one slot per training pair, the calibrated
+    strength and its curve, the input scenes and the fitted abstention stored in the memory;
+    test.py reads with the stored settings, reports them, and leaves the images it abstains on as
+    the enhancer made them."""
     tmp = tiny_setup["tmp"]
     assert_ran(run_script("train_memory.py", "--pretrain_weights", tiny_setup["weights"], "--train_dir", tiny_setup["data"],
                           "--val_percent", "30", "--entries", "images", "--query_encoder", "enhancer", "--strength", "auto",
-                          "--testing_top_k", "3", "--temperature", "0.05", "--nepoch", "1", "--mem_size", "16",
+                          "--testing_top_k", "3", "--temperature", "0.05", "--nepoch", "1", "--mem_size", "16", "--abstain", "scene",
                           "--save_dir", tmp / "runs", "--env", "img", "--device", "cpu", timeout=900))
     mem, ckpt = load_memory(tmp / "runs" / "img" / "models" / "memory_best.pth")
     n_train = int((mem.top_index >= 0).sum())
@@ -72,12 +75,21 @@ def test_train_memory_image_entries_calibrated_and_read_by_test_py(tiny_setup):
     read = ckpt["read"]
     assert read["top_k"] == 3 and read["temperature"] == 0.05 and isinstance(read["strength"], float)
     assert set(ckpt["calibration"]) >= {"0.0", "1.0"}
+    fit = ckpt["abstention_fit"]
+    assert fit["rule"] == "scene" and read.get("min_scene") == fit["min_scene"] and fit["unseen_reads"] == len(ckpt["sources"]["names"])
+    assert ckpt["sources"]["scenes"].shape == (len(ckpt["sources"]["names"]), 384)
     result = tmp / "result"
     assert_ran(run_script("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
                           "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
-                          "--device", "cpu", timeout=900))
+                          "--save_images", "--device", "cpu", timeout=900))
     summary = json.loads((result / "summary.json").read_text())
     assert (summary["testing_top_k"], summary["temperature"]) == (3, 0.05)
+    effects = summary["memory_effect"]["images"]
+    for name, effect in effects.items():
+        same = np.array_equal(read_image(result / "ori" / f"{name}.png"), read_image(result / "mem" / f"{name}.png"))
+        assert effect["memory"] in ("corrected", "abstained") and (effect["memory"] == "abstained") <= same
+        assert (effect["memory"] == "abstained") == (fit["min_scene"] is not None and "<=" in effect["memory_reason"])
+    assert summary["memory_effect"]["abstained"] == sum(e["memory"] == "abstained" for e in effects.values())
     assert summary["strength"] == read["strength"] and summary["border_margin"] == 8
     proc = run_script("test.py", "--weights", tiny_setup["weights"], "--input_dir", tiny_setup["data"],
                       "--mem_weights", tmp / "runs" / "img" / "models" / "memory_best.pth", "--result_dir", result,
