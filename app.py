@@ -1,5 +1,7 @@
-"""A local demo for one's own photos: upload a low-light photo, see ori (enhancer) and mem (after
-the memory) behind a comparison slider, what the memory recalled, and download both PNGs.
+"""A local demo for one's own photos: upload a low-light photo (or click an example's thumbnail),
+see ori (enhancer) and mem (after the memory) behind a comparison slider, what the memory changed
+(gain per channel, brightness) and recalled (with each score's percentile among the memory's own
+reads), and download both PNGs (`<photo>_ori.png`, `<photo>_mem.png`).
 
     pip install -r requirements-demo.txt
     python app.py            # then open http://127.0.0.1:7860
@@ -33,9 +35,22 @@ from utils.allocator import tune_allocator  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.image_io import is_image_file  # noqa: E402
+from utils.memory_effect import UNCHANGED_PCT, MemoryEffect  # noqa: E402
 
 BUNDLED = Path("pre_trained_logs")
 NO_MEMORY = "none"
+MAX_EXAMPLES = 24  # thumbnails shown from --examples
+# What the dropdowns say of the bundled files (README "Weights"; CPU speeds: benchmarks/README.md,
+# 0.84 against 4.35 s per 600x400 image with the fast path).
+HINTS = {
+    "emnet_small16_lolv1_cpu.pth": "small16: ~5x faster on a CPU, eval15 19.6 dB",
+    "emnet_dim32_lolv1_h200_bf16.pth": "dim32: the published size, eval15 21.3 dB",
+    "emnet_small16_lolv1_levels_memory.pth": "small16 memory: for the small16 enhancer",
+    "emnet_dim32_lolv1_levels_memory.pth": "dim32 memory: for the dim32 enhancer",
+    NO_MEMORY: "none: the enhancer alone",
+}
+EFFECT_NOTE = (f"unchanged: \\|brightness change\\| < {UNCHANGED_PCT:g} %; percentile: of the best score among the "
+               "memory's own training reads (README, *What the memory changed*)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,6 +71,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 def bundled(kind: str) -> list[str]:
     """The .pth files of pre_trained_logs/<kind>/ as strings, sorted."""
     return sorted(str(p) for p in (BUNDLED / kind).glob("*.pth"))
+
+
+def choices(paths: list[str], current: str) -> list[tuple[str, str]]:
+    """Dropdown entries (label, value) for `paths` and `current`: the value is the path, the label
+    its hint (HINTS), else its file name."""
+    shown = paths if current in paths else [*paths, current]
+    return [(HINTS.get(Path(p).name, Path(p).name), p) for p in shown]
+
+
+def effect_rows(effect: MemoryEffect | None) -> list[list[str]]:
+    """The effect table beside the slider: one (column, value) row per `MemoryEffect.columns`."""
+    if effect is None:
+        return []
+    return [[k, "" if v is None else str(v)] for k, v in effect.columns().items()]
 
 
 def matching_memory(weights: str) -> str:
@@ -87,16 +116,17 @@ class Demo:
         return self.runners[key]
 
     def enhance(self, photo: str | None, weights: str, memory: str) -> tuple[Any, ...]:
-        """The app's one action: (slider pair, recalled rows, recalled thumbnails, downloads)."""
+        """The app's one action: (slider pair, effect rows, recalled rows, recalled thumbnails,
+        downloads)."""
         runner = self.runner(weights, memory)
         out = Path(tempfile.mkdtemp(dir=self.out_root))
         result = runner.run(photo, out, int(self.args.max_pixels))
         pair = (result.ori, result.mem) if result.mem is not None else (photo, result.ori)
-        rows = [[e["name"], round(float(e["score"]), 4)] for e in result.recalled]
-        thumbs = [(t.repeat(4, 0).repeat(4, 1), f"{e['name']} ({e['score']:.3f})")
+        rows = [[e["name"], round(float(e["score"]), 4), e.get("percentile")] for e in result.recalled]
+        thumbs = [(t.repeat(4, 0).repeat(4, 1), f"{e['name']} ({e['score']:.3f}, p{e.get('percentile')})")
                   for e in result.recalled if (t := runner.thumbnail(e["index"])) is not None]
         files = [str(p) for p in (result.ori, result.mem) if p is not None]
-        return tuple(map(str, pair)), rows, thumbs, files
+        return tuple(map(str, pair)), effect_rows(result.effect), rows, thumbs, files
 
 
 def build_ui(demo: Demo, examples: list[str]):
@@ -116,30 +146,40 @@ def build_ui(demo: Demo, examples: list[str]):
         with gr.Row():
             photo = gr.File(label="photo", type="filepath")
             with gr.Column():
-                weights = gr.Dropdown(bundled("enhancer"), value=str(Path(args.weights)), label="enhancer",
-                                      allow_custom_value=True)
-                memory = gr.Dropdown([NO_MEMORY, *bundled("memory")], label="memory",
+                weights = gr.Dropdown(choices(bundled("enhancer"), str(Path(args.weights))), label="enhancer",
+                                      value=str(Path(args.weights)), allow_custom_value=True)
+                memory = gr.Dropdown(choices([NO_MEMORY, *bundled("memory")], default_memory(args)), label="memory",
                                      value=default_memory(args), allow_custom_value=True)
                 button = gr.Button("Enhance", variant="primary")
-        slider = gr.ImageSlider(label="ori | mem (without a memory: input | ori)", type="filepath", format="png")
+        if examples:
+            picker = gr.Dataset(components=["image"], samples=[[p] for p in examples], type="index",
+                                label="examples: click one to use it", samples_per_page=MAX_EXAMPLES)
+            picker.click(lambda i: examples[i], picker, photo, api_name="example")
         with gr.Row():
-            recalled = gr.Dataframe(headers=["recalled training image", "score"], label="recalled by the memory")
+            slider = gr.ImageSlider(label="ori | mem (without a memory: input | ori)", type="filepath",
+                                    format="png", scale=3)
+            with gr.Column(scale=1):
+                effect = gr.Dataframe(headers=["column", "value"], label="what the memory changed")
+                gr.Markdown(EFFECT_NOTE)
+        with gr.Row():
+            recalled = gr.Dataframe(headers=["recalled training image", "score", "percentile among own reads"],
+                                    label="recalled by the memory")
             thumbs = gr.Gallery(label="their normal-light targets", columns=6, height=160)
         downloads = gr.File(label="downloads (PNG)", file_count="multiple")
-        if examples:
-            gr.Examples(examples, inputs=[photo], label="examples (synthetic demo set)")
-        button.click(enhance, [photo, weights, memory], [slider, recalled, thumbs, downloads], api_name="enhance")
+        button.click(enhance, [photo, weights, memory], [slider, effect, recalled, thumbs, downloads],
+                     api_name="enhance")
     return ui
 
 
 def example_photos(folder: str) -> list[str]:
-    """Up to six example photos from `folder` (the bundled demo set is built when it is missing)."""
+    """Up to MAX_EXAMPLES example photos from `folder` (the bundled demo set, all 7, is built when
+    it is missing)."""
     path = Path(folder)
     if folder == get_args_parser().get_default("examples") and not path.is_dir():
         ensure_demo_set(path.parent)
     if not path.is_dir():
         raise UserError(f"--examples {folder} is not a folder of images; pass one or leave the default")
-    return [str(p) for p in sorted(path.iterdir()) if is_image_file(p)][:6]
+    return [str(p) for p in sorted(path.iterdir()) if is_image_file(p)][:MAX_EXAMPLES]
 
 
 def main(args: argparse.Namespace) -> None:

@@ -2,8 +2,10 @@
 
 `PhotoRunner` loads an enhancer and, optionally, its memory with test.py's flags and runs the
 one evaluation loop (`models.evaluate.evaluate_pairs`) on a single image, so the app's ori and
-mem PNGs are test.py's. Photos larger than `max_pixels` are refused in one line; smaller large
-photos follow the memory budget (--max_memory) as in test.py.
+mem PNGs, and what the memory changed (`utils.memory_effect.MemoryEffect`), are test.py's. The
+PNGs are named `<photo>_ori.png` and `<photo>_mem.png`, so that both downloads keep their stage.
+Photos larger than `max_pixels` are refused in one line; smaller large photos follow the memory
+budget (--max_memory) as in test.py.
 """
 from __future__ import annotations
 
@@ -23,18 +25,20 @@ from models.options import check_memory_flags
 from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.errors import UserError
 from utils.image_io import decode_stored
+from utils.memory_effect import MemoryEffect
 
 
 @dataclass
 class PhotoResult:
     """Paths of the enhancer (ori) and memory (mem, None without a memory) PNGs, the memory's
-    recalled entries and the photo's size."""
+    recalled entries, what it changed (None without a memory) and the photo's size."""
 
     ori: Path
     mem: Path | None
     recalled: list[dict[str, Any]]
     width: int
     height: int
+    effect: MemoryEffect | None = None
 
 
 def check_photo(path: str | Path | None, max_pixels: int) -> tuple[int, int]:
@@ -85,14 +89,14 @@ class PhotoRunner:
         return self.refiner.sources.thumbnail(index) if self.refiner is not None else None
 
     def run(self, photo: str | Path | None, out_dir: Path, max_pixels: int) -> PhotoResult:
-        """Enhance `photo` into `out_dir/ori/<stem>.png` (and `out_dir/mem/<stem>.png`)."""
+        """Enhance `photo` into `out_dir/<stem>_ori.png` (and `out_dir/<stem>_mem.png`)."""
         w, h = check_photo(photo, max_pixels)
         photo = Path(photo)
-        dirs = {s: out_dir / s for s in ("ori", "mem")}
-        for d in dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
+        stages = ("ori", "mem") if self.refiner is not None else ("ori",)
+        for s in stages:
+            (out_dir / s).mkdir(parents=True, exist_ok=True)
         (row,) = evaluate_pairs(self.model, [ImagePair(photo.stem, photo, None)], self.device, refiner=self.refiner,
-                                ori_dir=dirs["ori"], mem_dir=dirs["mem"] if self.refiner else None,
+                                ori_dir=out_dir / "ori", mem_dir=out_dir / "mem" if self.refiner else None,
                                 progress=False, margin=self.margin)
-        mem = dirs["mem"] / f"{photo.stem}.png" if self.refiner is not None else None
-        return PhotoResult(dirs["ori"] / f"{photo.stem}.png", mem, row.get("recalled", []), w, h)
+        files = {s: (out_dir / s / f"{photo.stem}.png").replace(out_dir / f"{photo.stem}_{s}.png") for s in stages}
+        return PhotoResult(files["ori"], files.get("mem"), row.get("recalled", []), w, h, row.get("memory_effect"))

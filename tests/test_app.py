@@ -1,7 +1,9 @@
 """`python app.py` (the Gradio demo), started on a free local port and called through gradio_client."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -53,17 +55,54 @@ def photo(path: Path, h: int, w: int, seed: int = 0) -> Path:
     return write_png(path, np.clip(cv2.resize(coarse, (w, h)) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
+def png_means(path) -> np.ndarray:
+    return to_uint8(read_image(path)).reshape(-1, 3).astype(np.float64).mean(axis=0)
+
+
+def check_effect(rows: list[list[str]], ori: Path, mem: Path) -> None:
+    """The table beside the slider holds the gains and brightness of the two downloaded PNGs."""
+    effect = dict(rows)
+    o, m = png_means(ori), png_means(mem)
+    assert [float(effect[f"gain_{c}"]) for c in "rgb"] == pytest.approx(m / o, abs=1e-4)
+    assert (float(effect["ori_brightness"]), float(effect["mem_brightness"])) == pytest.approx((o.mean(), m.mean()), abs=0.01)
+    assert 0 <= float(effect["recall_percentile"]) <= 100
+
+
+def check_examples(client, url: str, examples: list[Path]) -> None:
+    """Every example is offered (the /example endpoint hands back each one's pixels) and, in
+    Chromium, shown as a thumbnail of its own file."""
+    for i, path in enumerate(examples):
+        got = client.predict(i, api_name="/example")
+        assert np.array_equal(to_uint8(read_image(got)), to_uint8(read_image(path))), (i, path)
+    browser = headless.find_browser()
+    if browser is not None:
+        dom = headless.dump_dom(browser, url, budget_ms=8000).stdout
+        shown = [re.search(r"/([^/]+)$", src).group(1) for src in re.findall(r'<img[^>]*src="([^"]*)"', dom)
+                 if "/gradio_api/file=" in src]
+        assert shown == [p.name for p in examples]
+
+
+def dropdowns(url: str) -> dict[str, list[list[str]]]:
+    """Each dropdown's (label, value) choices, from the page's config."""
+    with urllib.request.urlopen(url + "config", timeout=10) as f:
+        config = json.load(f)
+    return {c["props"]["label"]: c["props"]["choices"] for c in config["components"] if c.get("type") == "dropdown"}
+
+
 def test_app_matches_test_py_and_survives_bad_uploads(tmp_path):
-    """The app's ori and mem PNGs for a photo equal test.py's within 1 gray level, with the
-    memory's recalled entries; a non-image, an empty file and an over-size photo each get one
-    clear message while the server keeps answering; the page renders in Chromium (screenshot)."""
+    """The app's ori and mem PNGs for a photo equal test.py's within 1 gray level, downloaded as
+    `<photo>_ori.png` and `<photo>_mem.png`, with what the memory changed and recalled; all 7
+    examples are offered as thumbnails; the dropdowns name the files with a hint, not a path; a
+    non-image, an empty file and an over-size photo each get one clear message while the server
+    keeps answering; the page renders in Chromium (screenshot)."""
     good = photo(tmp_path / "in" / "low" / "dark.png", 72, 96)
+    examples = [photo(tmp_path / "examples" / f"ex{i}.png", 40, 56, seed=i) for i in range(7)]
     port = free_port()
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, GRADIO_ANALYTICS_ENABLED="False", PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--weights", WEIGHTS, "--mem_weights",
                              MEMORY, "--device", "cpu", "--max_pixels", str(MAX_PIXELS), "--examples",
-                             str(good.parent)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             str(tmp_path / "examples")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         ref = run_test_py("--weights", WEIGHTS, "--mem_weights", MEMORY, "--input_dir", good.parent.parent,
                           "--result_dir", tmp_path / "ref", "--save_images", "--device", "cpu")
@@ -75,13 +114,23 @@ def test_app_matches_test_py_and_survives_bad_uploads(tmp_path):
         def enhance(path: Path):
             return client.predict(gradio_client.handle_file(str(path)), WEIGHTS, MEMORY, api_name="/enhance")
 
-        pair, recalled, thumbs, files = enhance(good)
-        assert len(files) == 2 and [Path(p).suffix for p in pair] == [".png", ".png"]
+        pair, effect, recalled, thumbs, files = enhance(good)
+        assert [Path(p).name for p in files] == ["dark_ori.png", "dark_mem.png"]
+        assert [Path(p).suffix for p in pair] == [".png", ".png"]
         for got, stage in zip(files, ("ori", "mem")):
             want = to_uint8(read_image(tmp_path / "ref" / stage / "dark.png"))
             diff = np.abs(to_uint8(read_image(got)).astype(int) - want)
             assert diff.max() <= 1, (stage, diff.max())
-        assert len(recalled["data"]) >= 1 and all(0 <= score <= 1 for _, score in recalled["data"])
+        check_effect(effect["data"], *files)
+        assert len(recalled["data"]) >= 1 and all(0 <= score <= 1 and 0 <= rank <= 100
+                                                  for _, score, rank in recalled["data"])
+        check_examples(client, url, examples)
+        choices = dropdowns(url)
+        assert [label for label, _ in choices["enhancer"]] == [
+            "dim32: the published size, eval15 21.3 dB", "small16: ~5x faster on a CPU, eval15 19.6 dB"]
+        assert [value for _, value in choices["enhancer"]][1] == WEIGHTS
+        assert all("/" not in label for label, _ in choices["memory"])
+        assert MEMORY in [value for _, value in choices["memory"]]
 
         (tmp_path / "notes.png").write_text("not an image")
         (tmp_path / "empty.png").write_bytes(b"")
@@ -92,7 +141,7 @@ def test_app_matches_test_py_and_survives_bad_uploads(tmp_path):
             with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
                 enhance(path)
             assert proc.poll() is None
-        again = enhance(good)[3]
+        again = enhance(good)[4]
         assert np.array_equal(to_uint8(read_image(again[1])), to_uint8(read_image(files[1])))
 
         browser = headless.find_browser()

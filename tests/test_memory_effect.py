@@ -117,7 +117,7 @@ def photos_run(tmp_path_factory):
         write_png(tmp / "photos" / f"{name}.png", np.clip(img, 0, 255).astype(np.uint8))
     result = tmp / "res"
     proc = run_test_py("--weights", WEIGHTS, "--mem_weights", MEMORY, "--input_dir", tmp / "photos",
-                       "--result_dir", result, "--pictures", "--device", "cpu")
+                       "--result_dir", result, "--pictures", "--device", "cpu", timeout=600)  # ~10 s idle
     assert proc.returncode == 0, proc.stderr
     return {"proc": proc, "result": result}
 
