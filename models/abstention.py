@@ -9,7 +9,10 @@ resemble what filled it, by two measures of one image:
 - the *score*: the read's top-1 cosine score.
 The memory corrects when each bound the rule sets is exceeded. The bounds are fitted on the
 memory's own training images, each read with every slot of its own scene group hidden and matched
-against the other groups only: the fit sees how unseen scenes score and what correcting them gains.
+against the other groups only: the fit sees how unseen scenes score and what correcting them gains,
+and lets the memory correct an unseen scene only where that gain is reliably above zero. Where it
+is not, the bound lands above every unseen scene's value, and only inputs that match a training
+scene better than any unseen scene did are corrected.
 """
 from __future__ import annotations
 
@@ -81,13 +84,23 @@ def _candidates(values: np.ndarray, used: bool, grid: int | None) -> list[float 
     return [None, *map(float, points)]
 
 
+def reliable_gain(gains: np.ndarray) -> bool:
+    """Whether correcting images with these PSNR gains helps beyond chance: the 95% lower bound of
+    their mean (normal approximation, t = 1.96) is above 0. None or one image is never reliable."""
+    if len(gains) < 2:
+        return False
+    return float(gains.mean() - 1.96 * gains.std(ddof=1) / np.sqrt(len(gains))) > 0
+
+
 def fit_bounds(rule: str, gains: np.ndarray, scores: np.ndarray, matches: np.ndarray
                ) -> tuple[float | None, float | None]:
     """(min_score, min_scene) of `rule` that maximise the summed PSNR gain of the images it would
     correct: `gains` (N,) what correcting each image gains, `scores` and `matches` (N,) its
     measures, all from reads of unseen scenes. Candidate bounds are the observed values (a bound at
-    the largest abstains on every one); ties go to the rule that corrects fewer images, then to
-    the one with fewer bounds."""
+    the largest abstains on every one). A candidate that corrects any image must gain reliably on
+    those it corrects (`reliable_gain`): the argmax of a sum over thousands of thresholds otherwise
+    follows noise, and corrects new scenes where nothing shows that it helps. Ties go to the rule
+    that corrects fewer images, then to the one with fewer bounds."""
     if rule not in RULES or rule == "off":
         raise ValueError(f"no bounds to fit for rule {rule!r}")
     grid = BOTH_GRID if rule == "both" else None
@@ -99,6 +112,8 @@ def fit_bounds(rule: str, gains: np.ndarray, scores: np.ndarray, matches: np.nda
             on &= scores > lo_score
         if lo_scene is not None:
             on &= matches > lo_scene
+        if on.any() and not reliable_gain(gains[on]):
+            continue
         # the most gain; then the fewest images corrected; then the fewest bounds
         key = (round(float(gains[on].sum()), 9), -int(on.sum()), -((lo_score is not None) + (lo_scene is not None)))
         if best is None or key > best:

@@ -33,11 +33,22 @@ def test_fit_abstains_on_unseen_scenes_where_correcting_them_loses():
     assert min_score is None and min_scene == 0.7
 
 
-def test_fit_keeps_correcting_where_it_gains_and_cuts_where_it_loses():
+def test_fit_keeps_correcting_where_it_gains_reliably_and_cuts_where_it_loses():
     matches = np.array([0.2, 0.5, 0.7, 0.9])
     assert fit_bounds("scene", np.array([0.3, 0.1, 0.2, 0.4]), np.zeros(4), matches) == (None, None)
-    assert fit_bounds("scene", np.array([-0.3, -0.1, 0.2, 0.4]), np.zeros(4), matches) == (None, 0.5)
-    assert fit_bounds("score", np.array([-0.3, 0.5]), np.array([0.8, 0.9]), np.zeros(2)) == (0.8, None)
+    assert fit_bounds("scene", np.array([-0.3, -0.1, 0.2, 0.25]), np.zeros(4), matches) == (None, 0.5)
+    scores = np.array([0.8, 0.85, 0.9, 0.95])
+    assert fit_bounds("score", np.array([-0.3, -0.2, 0.5, 0.45]), scores, np.zeros(4)) == (0.85, None)
+
+
+def test_fit_abstains_where_the_gain_is_noise():
+    """Gains that only look positive for a handful of images above some bound (one lucky image,
+    or a spread much larger than the mean) abstain on every unseen read."""
+    matches = np.linspace(0, 0.8, 9)
+    lucky = np.array([-0.2, 0.1, -0.3, 0.2, -0.1, -0.2, 0.1, -0.3, 2.0])
+    assert fit_bounds("scene", lucky, np.zeros(9), matches) == (None, 0.8)
+    noisy = np.array([-0.2, 0.1, -0.3, 0.2, -0.1, -0.2, 1.5, -1.2, 1.0])
+    assert fit_bounds("scene", noisy, np.zeros(9), matches) == (None, 0.8)
 
 
 def test_fit_both_sets_the_bound_that_separates():

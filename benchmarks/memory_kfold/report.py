@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from utils.atomic import atomic_write_text
+from utils.stats import bootstrap_ci
 
 CSV_KEYS = ["variant", "images", "psnr_gain", "psnr_ci_low", "psnr_ci_high", "ssim_gain", "ssim_ci_low",
             "ssim_ci_high", "images_improved", "images_corrected", "random_psnr_gain", "random_psnr_ci_low",
@@ -18,17 +21,26 @@ def _interval(r: dict, prefix: str, digits: int) -> str:
             f"{r[f'{prefix}_ci_high']:+.{digits}f}]")
 
 
-TIE_DB = 0.05  # grouped gains this close count as tied; the random gain breaks the tie
+GROUPED_FLOOR_DB = -0.1  # a read may lower new scenes by at most this much (its grouped 95% lower bound)
+
+
+def tied_with(best: dict, other: dict) -> bool:
+    """Whether `other` is not measurably worse than `best` on the grouped folds: the 95% bootstrap
+    interval of their per-image paired difference (best - other) reaches 0."""
+    diff = np.array(best["per_image_psnr_gain"]) - np.array(other["per_image_psnr_gain"])
+    return bootstrap_ci(diff)[1] <= 0
 
 
 def choose(rows: list[dict]) -> str | None:
-    """The variant (not a bound) with the best grouped PSNR gain; among those within TIE_DB of it,
-    the one with the best random-fold gain."""
+    """The read to ship: among the variants (not bounds) whose grouped 95% lower bound is at least
+    GROUPED_FLOOR_DB (all, if none is), the best grouped PSNR gain; among those tied with it
+    (`tied_with`), the best random-fold gain."""
     studied = [r for r in rows if not r["variant"].startswith("bound")]
     if not studied:
         return None
-    top = max(r["psnr_gain"] for r in studied)
-    tied = [r for r in studied if r["psnr_gain"] >= top - TIE_DB]
+    eligible = [r for r in studied if r["psnr_ci_low"] >= GROUPED_FLOOR_DB] or studied
+    best = max(eligible, key=lambda r: r["psnr_gain"])
+    tied = [r for r in eligible if tied_with(best, r)]
     return max(tied, key=lambda r: r.get("random_psnr_gain", -float("inf")))["variant"]
 
 
