@@ -15,7 +15,7 @@ from dataset.pairing import find_pairs
 from utils import headless
 from utils.image_io import read_image, to_uint8
 from utils.memory_effect import measure_effect
-from utils.page import natural_key
+from utils.page import SELFTEST, natural_key
 from utils.pictures import write_pictures
 from utils.report import score, write_report
 
@@ -94,6 +94,19 @@ def test_page_without_ground_truth(tmp_path):
     assert [s["key"] for s in data["stages"]] == ["low", "ori", "mem"]
 
 
+def test_self_test_driver_is_a_file_beside_the_page_not_in_it(tmp_path):
+    """The page readers open carries no self-test code: none of the driver's functions is in
+    index.html; the driver is written beside it, under the name page.js loads it by."""
+    result, _ = fake_run(tmp_path)
+    page = (result / "index.html").read_text()
+    driver = result / SELFTEST
+    assert driver.is_file(), f"no {SELFTEST} beside index.html"
+    declared = re.findall(r"^(?:async )?function (\w+)\(", driver.read_text(), re.M)
+    assert "selfTest" in declared
+    assert [name for name in declared if re.search(rf"\bfunction {name}\(", page)] == []
+    assert f'"{SELFTEST}"' in page
+
+
 def test_natural_key_orders_numbers_as_numbers():
     assert sorted(["146", "22", "a10", "1", "a2", "111"], key=natural_key) == ["1", "22", "111", "146", "a2", "a10"]
 
@@ -111,13 +124,15 @@ def test_page_in_headless_chromium(browser, tmp_path):
     """Chromium opens index.html from file:// with #selftest: the page moves the slider with the
     arrow keys, sorts every column (numbers numerically, names naturally), steps with n/p, and its
     zoom panes show, at 1:1 and 2x, the very pixels of each stage's full-size file at the hovered
-    place; no console error, no failed load. Then a screenshot that is not blank."""
+    place; no console error, no failed load; the driver came from selftest.js. Opened without
+    #selftest, the page loads no driver. Then a screenshot that is not blank."""
     result, rows = fake_run(tmp_path)
     url = (result / "index.html").as_uri()
     proc = headless.dump_dom(browser, url + "#selftest")
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r'<pre id="selftest">(\{.*?)</pre>', proc.stdout, re.S)
-    assert found, f"the self-test wrote no verdict; browser log: {proc.stderr[-2000:]}"
+    assert found, f"the self-test wrote no verdict; console: {headless.console_lines(proc.stderr)}"
+    assert re.findall(r'<script src="([^"]*)"', proc.stdout) == [SELFTEST]
     report = json.loads(html.unescape(found.group(1)))
     assert report["errors"] == [], report["errors"]
     assert not [line for line in headless.console_lines(proc.stderr) if "Uncaught" in line or "rror" in line]
@@ -141,6 +156,10 @@ def test_page_in_headless_chromium(browser, tmp_path):
         assert abs(x - 0.3 * W) < 160 / zoom and abs(y - 0.6 * H) < 160 / zoom, probe  # near the mouse
         for stage, path in files.items():
             assert probe["rgb"][stage] == to_uint8(read_image(path))[y, x].tolist(), (stage, probe)
+
+    plain = headless.dump_dom(browser, url)  # as readers open it: no driver loaded, no verdict
+    assert plain.returncode == 0 and 'data-load-ms="' in plain.stdout, plain.stderr[-2000:]
+    assert "<script src" not in plain.stdout and '<pre id="selftest">' not in plain.stdout
 
     shot = headless.screenshot(browser, url, tmp_path / "page.png")
     img = cv2.imread(str(shot))

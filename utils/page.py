@@ -9,8 +9,10 @@ ground truth), sortable by any column (numbers as numbers, names in natural orde
 146); then a viewer of one photo at a time: a before/after slider between any two of low, ori, mem
 and ground truth, zoom panes that show the same region of every stage at 1:1 or 2x, what the
 memory changed and recalled, links to the full-size files. Keys: left/right arrows move the slider, n/p go to the
-next/previous photo. Loaded with `#selftest`, the page drives itself and writes a JSON verdict
-into `<pre id="selftest">` (read back by the browser test).
+next/previous photo. Loaded with `#selftest`, the page loads its self-test driver from
+`RESULT_DIR/selftest.js` (written beside it, not inlined: the page as readers open it carries no
+test code), which drives the page and writes a JSON verdict into `<pre id="selftest">` (read back
+by the browser test).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from utils.previews import PREVIEW_SIDE, ImagePair, PageImage, write_previews
 from utils.report import PAIRED
 
 ASSETS = Path(__file__).resolve().parent / "page_assets"
+SELFTEST = "selftest.js"  # the self-test driver, beside index.html; page.js loads it by this name
 STAGE_TITLES = {"low": "low (input)", "ori": "ori (enhancer)", "mem": "mem (memory)", "gt": "ground truth"}
 
 
@@ -211,9 +214,10 @@ VIEWER = """<section id="viewer">
 def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str], summary: dict[str, Any],
                 thumbnail_of: Callable[[int], np.ndarray | None] | None = None,
                 pairs: Sequence[ImagePair] = (), stages: Sequence[str] = ("ori", "mem")) -> Path:
-    """Write previews of `pairs` (`utils.previews`) and `result_dir/index.html` (see the module
-    docstring) for `rows` (metrics.csv's rows; `columns` its metric columns, `summary` what
-    `utils.report.write_report` returned); return the page's path."""
+    """Write previews of `pairs` (`utils.previews`), `result_dir/index.html` and its self-test
+    driver `result_dir/selftest.js` (see the module docstring) for `rows` (metrics.csv's rows;
+    `columns` its metric columns, `summary` what `utils.report.write_report` returned); return
+    the page's path."""
     result_dir = Path(result_dir)
     images = {p.name: write_previews(result_dir, p, stages) for p in pairs}
     data = page_data(result_dir, rows, images, thumbnail_of)
@@ -243,6 +247,7 @@ def write_index(result_dir: Path, rows: list[dict[str, Any]], columns: list[str]
                   f"{PREVIEW_SIDE} px; the links open the full-size files.</p>", VIEWER]
     parts += [f'<script id="data" type="application/json">{_script_json(data)}</script>',
               f"<script>{(ASSETS / 'page.js').read_text()}</script>", "</body></html>"]
+    atomic_write_text(result_dir / SELFTEST, (ASSETS / SELFTEST).read_text())
     path = result_dir / "index.html"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path
