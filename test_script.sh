@@ -11,6 +11,7 @@ WEIGHTS=${WEIGHTS:-./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth} 
 MEM_WEIGHTS=${MEM_WEIGHTS-./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth}  # empty: ori only
 QUERY_WEIGHTS=${QUERY_WEIGHTS:-}                    # resnet18 weights, for published memory files
 TESTING_TOP_K=${TESTING_TOP_K:-}                    # empty: the read settings stored in the memory
+ABSTAIN=${ABSTAIN:-stored}                          # off: the memory corrects every image (the release)
 BORDER_MARGIN=${BORDER_MARGIN:-8}                   # reflected margin against a border frame; 0 = original code
 RESULT_DIR=${RESULT_DIR:-}                          # empty: log_eval/<input>/<weights>+<memory> (test.py)
 ARCH=${ARCH:-}                                      # empty: taken from the checkpoint
@@ -32,5 +33,6 @@ set -- --input_dir "$INPUT_DIR" --weights "$WEIGHTS" --device "$DEVICE" --amp "$
 [ -n "$EMBED_DIM" ] && set -- "$@" --embed_dim "$EMBED_DIM"
 [ -n "$MEM_WEIGHTS" ] && set -- "$@" --mem_weights "$MEM_WEIGHTS"
 [ -n "$MEM_WEIGHTS" ] && [ -n "$TESTING_TOP_K" ] && set -- "$@" --testing_top_k "$TESTING_TOP_K"
+[ -n "$MEM_WEIGHTS" ] && set -- "$@" --abstain "$ABSTAIN"
 [ -n "$QUERY_WEIGHTS" ] && set -- "$@" --query_weights "$QUERY_WEIGHTS"
 exec "$PYTHON" test.py "$@"

@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "instead of its ImageNet ResNet-18. "
                                 "Recommended, chosen by the K-fold study (README, 'Does the memory help?') and set "
                                 "by train_memory_script.sh: --entries images --query_encoder enhancer_levels "
-                                "--mem_size 1024 --nepoch 1 --testing_top_k 1.",
+                                "--mem_size 1024 --nepoch 1 --testing_top_k 1 --abstain scene.",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--env", default="memory_lolv1", help="run name; outputs go to SAVE_DIR/ENV")

@@ -49,7 +49,7 @@ def test_train_memory_help_names_the_recommended_setting_of_its_script_and_train
     script = (REPO / "train_memory_script.sh").read_text()
     description = " ".join(parser.description.split())
     for var, flag in (("ENTRIES", "entries"), ("QUERY_ENCODER", "query_encoder"), ("MEM_SIZE", "mem_size"),
-                      ("NEPOCH", "nepoch"), ("TESTING_TOP_K", "testing_top_k")):
+                      ("NEPOCH", "nepoch"), ("TESTING_TOP_K", "testing_top_k"), ("ABSTAIN", "abstain")):
         value = re.search(rf"^{var}=\${{{var}:-([^}}]*)}}", script, re.M).group(1)
         assert f"--{flag} {value}" in description, (flag, value, description)
         assert str(parser.get_default(flag)) != value or flag == "testing_top_k"  # they differ: hence the note
