@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,11 +30,14 @@ sys.path.insert(0, str(REPO))
 from models import fast  # noqa: E402
 from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig, refine_with_memory  # noqa: E402
+from models.provenance import EntrySources, sources_payload  # noqa: E402
 from models.query import EnhancerQuery  # noqa: E402
+from models.read_settings import ReadSettings  # noqa: E402
 from models.refiner import MemoryRefiner  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 
+SCENES = 358  # training inputs of the bundled dim-32 memory
 DEFAULT_PRESETS = "emnet_tiny:8,emnet_small:16,emnet_enhancer:32"
 # fast: the fast path as shipped. torch_ops: the same with EMNET_CPU_KERNELS=0, i.e. without the C
 # kernels and oneDNN products of models/fast/kernels.py. reference: the plain network's forward.
@@ -112,17 +116,21 @@ def measure_memory_module(arch: str, dim: int, args: argparse.Namespace) -> dict
     model = net.model
     query = EnhancerQuery(model)
     memory = ExternalMemory(MemoryConfig(mem_size=args.mem_size, key_dim=query.dim)).to(device)
-    refiner = MemoryRefiner(query, memory)
+    scenes = F.normalize(torch.randn(SCENES, 384), dim=1).numpy()  # the training inputs' scene thumbnails
+    refiner = MemoryRefiner(query, memory, read=ReadSettings().with_bounds(None, 0.87),
+                            sources=EntrySources({"sources": sources_payload([], [], scenes)}))
     x = torch.rand(1, 3, args.height, args.width, device=device)
     with torch.no_grad():
         y = net(x).clamp(0, 1)
         q = refiner.query(x)
         recalled = memory.read(q)
         steps = {"query": lambda: refiner.query(x), "read": lambda: memory.read(q),
-                 "correct": lambda: refine_with_memory(y, recalled, memory.config.pooling_size)}
+                 "correct": lambda: refine_with_memory(y, recalled, memory.config.pooling_size),
+                 "decide": lambda: refiner.decide(x)}
         out = {name: timed(fn, device, args.warmup, args.runs)[0] for name, fn in steps.items()}
     return {"preset": f"{arch}:{dim}", "variant": f"memory {args.mem_size}", "device": str(device),
-            "query_sec": out["query"], "read_sec": out["read"], "correct_sec": out["correct"]}
+            "query_sec": out["query"], "read_sec": out["read"], "correct_sec": out["correct"],
+            "decide_sec": out["decide"]}
 
 
 def run_worker(job: str, args: argparse.Namespace) -> dict:
@@ -156,7 +164,9 @@ def print_table(rows: list[dict], peak: float) -> None:
     for r in rows:
         if "query_sec" in r:
             print(f"{r['preset']:<18} {r['variant']}: query {r['query_sec']:.3f} s, read "
-                  f"{r['read_sec'] * 1e3:.2f} ms, correction {r['correct_sec'] * 1e3:.2f} ms per image")
+                  f"{r['read_sec'] * 1e3:.2f} ms, correction {r['correct_sec'] * 1e3:.2f} ms, abstention decision "
+                  f"(query, read and scene match against {SCENES} training inputs) {r['decide_sec'] * 1e3:.2f} ms "
+                  "per image")
 
 
 def main() -> None:
