@@ -49,15 +49,17 @@ class MemoryRefiner(nn.Module):
         return self.head(q) if self.head is not None else q
 
     @torch.no_grad()
-    def recall(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The colour values (B, 3 p p) the memory recalls for low-light inputs (B, 3, H, W).
-
-        Always in fp32, also under a bf16 autocast: the top-k read picks among thousands of close
-        cosine scores, and bf16 rounding picks other slots (-2 dB on eval15 when it did).
-        """
+    def fp32_query(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`query` always in fp32, also under a bf16 autocast: the top-k read picks among thousands
+        of close cosine scores, and bf16 rounding picks other slots (-2 dB on eval15 when it did)."""
         with torch.autocast(low.device.type, enabled=False):
             features = [f.float() for f in features] if features is not None else None
-            return self.read.recall(self.memory, self.query(low.float(), features))
+            return self.query(low.float(), features)
+
+    @torch.no_grad()
+    def recall(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The colour values (B, 3 p p) the memory recalls for low-light inputs (B, 3, H, W)."""
+        return self.read.recall(self.memory, self.fp32_query(low, features))
 
     @torch.no_grad()
     def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
@@ -65,11 +67,8 @@ class MemoryRefiner(nn.Module):
         """Per input (B), the `n` best-scoring written slots: their training sample's `name`
         ("unknown" without stored sources), sample `index`, cosine `score` and its `percentile`
         among the memory's own reads (`score_reference`), best first."""
-        with torch.autocast(low.device.type, enabled=False):
-            features = [f.float() for f in features] if features is not None else None
-            query = self.query(low.float(), features)
         written = int((self.memory.top_index >= 0).sum())
-        best, slots = self.memory.ranked(query, min(n, written or n))
+        best, slots = self.memory.ranked(self.fp32_query(low, features), min(n, written or n))
         rank = self.score_reference.percentile
         return [[{"name": self.sources.name(int(self.memory.top_index[j])),
                   "index": int(self.memory.top_index[j]), "score": round(float(s), 4), "percentile": rank(float(s))}
@@ -81,12 +80,13 @@ class MemoryRefiner(nn.Module):
         return self.read.correct(enhanced.float(), recalled, self.memory.config.pooling_size)
 
     @torch.no_grad()
-    def decide(self, low: torch.Tensor, features: list[torch.Tensor] | None = None) -> list[Decision]:
+    def decide(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
+               query: torch.Tensor | None = None) -> list[Decision]:
         """Per input (B), whether the memory corrects it and why (`ReadSettings.decide`): from
-        the read's top-1 score and, where the memory stores its inputs' scenes, the scene match."""
-        with torch.autocast(low.device.type, enabled=False):
-            features = [f.float() for f in features] if features is not None else None
-            best, _ = self.memory.ranked(self.query(low.float(), features), 1)
+        the read's top-1 score and, where the memory stores its inputs' scenes, the scene match.
+        `query`, when given, is the inputs' `fp32_query`."""
+        query = self.fp32_query(low, features) if query is None else query
+        best, _ = self.memory.ranked(query, 1)
         known = self.sources.scenes
         matches = scene_match(scene_vectors(low.cpu()), known) if known is not None else [None] * len(low)
         return [self.read.decide(float(s), None if m is None else float(m)) for s, m in zip(best[:, 0], matches)]
@@ -96,8 +96,9 @@ class MemoryRefiner(nn.Module):
                ) -> tuple[torch.Tensor, list[Decision]]:
         """(output, decisions): `enhanced`, the enhancer output for `low`, corrected where the
         memory decides to and left as it is (clamped to [0, 1]) where it abstains."""
-        decisions = self.decide(low, features)
-        out = self.correct(enhanced, self.recall(low, features))
+        query = self.fp32_query(low, features)
+        decisions = self.decide(low, query=query)
+        out = self.correct(enhanced, self.read.recall(self.memory, query))
         keep = torch.tensor([not d.corrected for d in decisions], device=out.device)
         if keep.any():
             out = torch.where(keep[:, None, None, None], enhanced.float().clamp(0, 1), out)
