@@ -31,6 +31,7 @@ from models.options import (
     add_trained_model_args,
     check_border_margin,
     check_memory_flags,
+    check_model_files,
     default_result_dir,
     set_memory_budget,
     writable_dir,
@@ -81,6 +82,7 @@ def main(args: argparse.Namespace) -> None:
     check_border_margin(args.border_margin)
     set_memory_budget(args.max_memory)
     device = resolve_device(args.device)
+    check_model_files(args, need_weights=not args.enhanced_dir)
     pairs = find_pairs(args.input_dir, require_high=False)
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
     if enhanced is not None and not args.mem_weights:

@@ -244,6 +244,34 @@ def test_missing_weights(small_input, tmp_path):
     assert_user_error(proc, missing)
 
 
+def test_missing_weights_and_memory_are_one_error(small_input, tmp_path):
+    """Neither --weights nor --mem_weights exists: one line names both, and nothing is written."""
+    weights, memory = tmp_path / "nope.pth", tmp_path / "nomem.pth"
+    proc = run_test_py("--weights", weights, "--mem_weights", memory, "--input_dir", small_input,
+                       "--result_dir", tmp_path / "r")
+    line = assert_user_error(proc, f"--weights {weights}")
+    assert f"--mem_weights {memory}" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_dataset_root_as_input_names_its_folders(make_pairs, make_checkpoint, tmp_path):
+    """The LOL root instead of its eval15/: one line suggesting --input_dir ROOT/eval15."""
+    weights, _ = make_checkpoint()
+    root = tmp_path / "LOL-v1"
+    root.mkdir()
+    make_pairs(names=("1",)).rename(root / "eval15")
+    proc = run_test_py("--weights", weights, "--input_dir", root, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, f"--input_dir {root / 'eval15'}")
+
+
+def test_high_folder_alone_as_input_names_the_missing_low(make_pairs, make_checkpoint, tmp_path):
+    """A folder holding high/ only: one line naming the low/ it lacks."""
+    weights, _ = make_checkpoint()
+    data = make_pairs(names=("1",), low_dir="high", high_dir=None)
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", tmp_path / "r")
+    assert "no images" not in assert_user_error(proc, data / "low")
+
+
 def test_corrupt_weights(small_input, tmp_path):
     """--weights holding random bytes."""
     bad = tmp_path / "corrupt.pth"
