@@ -35,6 +35,7 @@ from models.options import (
     add_device_arg,
     add_trained_model_args,
     check_border_margin,
+    check_model_files,
     writable_dir,
 )
 from models.refiner import MemoryRefiner, refiner_from_flags
@@ -206,6 +207,7 @@ def main(args: argparse.Namespace) -> None:
     if dst.is_dir():
         raise UserError(f"--output {dst} is a folder; pass a file name such as {dst / 'enhanced.mp4'}")
     device = resolve_device(args.device)
+    check_model_files(args)
     capture, first, fps, stated = open_video(src)
     writable_dir(dst.parent, "--output")
     model, _ = load_enhancer(args.weights, args.arch, args.embed_dim)

@@ -39,6 +39,7 @@ from models.options import (
     HelpFormatter,
     add_trained_model_args,
     check_border_margin,
+    check_model_files,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
@@ -173,6 +174,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("the onnx package is not installed; pip install onnx (and onnxruntime to run "
                         "the exported model)") from None
     check_border_margin(args.border_margin)
+    check_model_files(args)
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; pass a file name such as {output / 'emnet.onnx'}")

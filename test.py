@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dataset.paired_folder import check_inputs
 from dataset.pairing import find_pairs
+from models.enhancer import EMNetEnhancer
 from models.evaluate import evaluate_pairs, match_enhanced
 from models.loading import describe_config, load_enhancer, load_memory
 from models.options import (
@@ -33,16 +36,17 @@ from models.options import (
     add_trained_model_args,
     check_border_margin,
     check_memory_flags,
+    check_model_files,
     default_result_dir,
     set_memory_budget,
     writable_dir,
 )
 from models.query import ENHANCER_DESCRIPTORS
-from models.refiner import refiner_from_flags
+from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.allocator import tune_allocator
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli
-from utils.folder_lock import FolderLock
+from utils.folder_lock import FolderLock, first_missing
 from utils.memory_effect import effect_line
 from utils.perceptual import LPIPS_CONVENTION, build_lpips
 from utils.pictures import write_pictures
@@ -79,19 +83,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> None:
-    args.save_images = args.save_images or args.pictures
-    check_border_margin(args.border_margin)
-    set_memory_budget(args.max_memory)
-    device = resolve_device(args.device)
-    pairs = find_pairs(args.input_dir, require_high=False)
-    enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
-    if enhanced is not None and not args.mem_weights:
-        raise UserError("--enhanced_dir needs --mem_weights: the memory is what refines those images")
-    lpips = build_lpips(args.lpips_alexnet, "drop --lpips").to(device) if args.lpips else None
-    result_dir = writable_dir(args.result_dir or default_result_dir(
-        args.input_dir, args.enhanced_dir or args.weights, args.mem_weights), "--result_dir")
-    lock = FolderLock(result_dir, "--result_dir")  # one run per folder: a second is refused
+def load_models(args: argparse.Namespace, device: torch.device, enhanced: dict[str, Path] | None
+                ) -> tuple[EMNetEnhancer | None, MemoryRefiner | None, dict[str, Any]]:
+    """The enhancer (None where --enhanced_dir replaces it and the memory's query does not need
+    it) and the memory's refiner (None without --mem_weights), on `device`, and what summary.json
+    says of them."""
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     if memory is not None:
         check_memory_flags(args, memory.config.mem_size, memory.config.key_dim, memory.config.pooling_size,
@@ -111,8 +107,27 @@ def main(args: argparse.Namespace) -> None:
                     pooling_mean=read.pooling_mean)
     if enhanced is not None:
         meta["enhanced_dir"] = str(args.enhanced_dir)
+    return model, refiner, meta
+
+
+def main(args: argparse.Namespace) -> None:
+    args.save_images = args.save_images or args.pictures
+    check_border_margin(args.border_margin)
+    set_memory_budget(args.max_memory)
+    device = resolve_device(args.device)
+    check_model_files(args, need_weights=not args.enhanced_dir)
+    pairs = find_pairs(args.input_dir, require_high=False)
+    enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
+    if enhanced is not None and not args.mem_weights:
+        raise UserError("--enhanced_dir needs --mem_weights: the memory is what refines those images")
+    check_inputs(pairs, enhanced)  # every bad image at once, before anything is written
+    lpips = build_lpips(args.lpips_alexnet, "drop --lpips").to(device) if args.lpips else None
+    model, refiner, meta = load_models(args, device, enhanced)
+    result_dir = Path(args.result_dir or default_result_dir(
+        args.input_dir, args.enhanced_dir or args.weights, args.mem_weights))
+    created = first_missing(result_dir)
+    lock = FolderLock(writable_dir(result_dir, "--result_dir"), "--result_dir", created)  # one run per folder
     stages = ["ori", "mem"] if refiner is not None else ["ori"]
-    out = {s: writable_dir(result_dir / s, "--result_dir") if args.save_images else None for s in stages}
     metrics = [*METRICS, "lpips"] if lpips is not None else list(METRICS)
     columns = [f"{s}_{m}" for s in stages for m in metrics] if pairs[0].high is not None else []
     if lpips is not None:
@@ -122,11 +137,14 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
+        out = {s: writable_dir(result_dir / s, "--result_dir") if args.save_images else None for s in stages}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             evaluate_pairs(model, pairs, device, refiner=refiner, enhanced=enhanced, ori_dir=out["ori"],
                            mem_dir=out.get("mem"), margin=args.border_margin, lpips=lpips, rows=rows)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (utils.errors.run_cli): keep the images already done
-        if rows:
+    except BaseException as stop:
+        if not rows:  # nothing done: leave neither the folder this run made nor its lock
+            lock.abandon()
+        elif isinstance(stop, KeyboardInterrupt):  # Ctrl-C or SIGTERM (run_cli): keep the images done
             write_report(result_dir, rows, columns, {**meta, "stopped_early": f"{len(rows)} of {len(pairs)} images"})
             print(f"stopped early: {result_dir / 'metrics.csv'} has the {len(rows)} of {len(pairs)} images done",
                   file=sys.stderr)

@@ -28,6 +28,8 @@ TIME_BUDGET=${TIME_BUDGET:-}          # minutes: the schedule (warm-up + cosine,
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}                      # more flags, e.g. "--resume" or "--max_iters 100"
 
+[ -d "$TRAIN_DIR" ] || { echo "error: TRAIN_DIR=$TRAIN_DIR does not exist (DATA_ROOT=$DATA_ROOT); set DATA_ROOT to the LOL-v1 folder holding our485/, or TRAIN_DIR to a folder holding low/ and high/" >&2; exit 2; }
+
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 
 set -- --env "$ENV" --save_dir "$SAVE_DIR" --arch "$ARCH" --embed_dim "$EMBED_DIM" \

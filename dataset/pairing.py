@@ -56,26 +56,55 @@ def _images_by_key(folder: Path) -> dict[str, Path]:
     return found
 
 
-def find_pairs(root: str | Path, require_high: bool = True) -> list[ImagePair]:
+def paired_subfolders(root: Path, depth: int = 2) -> list[Path]:
+    """The folders under `root`, at most `depth` levels down, that hold a `low/` subfolder: what
+    to pass instead of a dataset's root (LOL-v1's eval15/ and our485/, LOL-v2's Real_captured/Test)."""
+    found = []
+    for child in sorted(c for c in root.iterdir() if c.is_dir()):
+        if _subfolder(child, LOW_NAMES) is not None:
+            found.append(child)
+        elif depth > 1:
+            found += paired_subfolders(child, depth - 1)
+    return found
+
+
+def _no_low_dir(root: Path, high_dir: Path | None, require_high: bool, flag: str) -> UserError:
+    """The error for a folder without a `low/` (and, for test.py, without images of its own): it
+    names the missing `low/` beside a `high/`, or the sub-folders to pass instead of a dataset's root."""
+    if high_dir is not None:
+        return UserError(f"{root} has {high_dir.name}/ but no low/ subfolder: put the low-light inputs in "
+                         f"{root / 'low'} (a pair's two files share their name)")
+    inner = paired_subfolders(root)
+    if inner:
+        names = ", ".join(str(p.relative_to(root)) for p in inner)
+        return UserError(f"{root} has no low/ subfolder, but its sub-folders {names} do: pass one of them, "
+                         f"e.g. {flag} {inner[0]}")
+    if require_high:
+        return UserError(f"{root} has no low/ (or Low/) subfolder; expected {root}/low and {root}/high")
+    return UserError(f"no images in {root} and no low/ subfolder; pass a folder of images or one holding "
+                     "low/ (and high/ for metrics); supported: png, jpg, jpeg, bmp, tif, webp")
+
+
+def find_pairs(root: str | Path, require_high: bool = True, flag: str = "--input_dir") -> list[ImagePair]:
     """All pairs under `root`, sorted by name. With `require_high=False` a folder without a
     `high/` subfolder (or a flat folder of images, or one image file) gives pairs whose `high` is
-    None."""
+    None. `flag` is the command-line flag that gave `root`, named in the errors."""
     root = Path(root)
     if root.is_file() and is_image_file(root) and not require_high:
         return [ImagePair(root.stem, root, None)]
     if root.is_file():
-        raise UserError(f"{root} is a file; pass a folder holding low/ and high/ (test.py also takes one image)")
+        raise UserError(f"{flag} {root} is a file; pass a folder holding low/ and high/ (test.py also takes one image)")
     if not root.is_dir():
-        raise UserError(f"input folder {root} does not exist; pass a folder holding low/ and high/")
+        raise UserError(f"{flag} {root} does not exist; pass a folder holding low/ and high/")
     low_dir = _subfolder(root, LOW_NAMES)
     high_dir = _subfolder(root, HIGH_NAMES)
-    if low_dir is None:
-        if require_high:
-            raise UserError(f"{root} has no low/ (or Low/) subfolder; expected {root}/low and {root}/high")
-        low_dir = root
+    if low_dir is None and require_high:
+        raise _no_low_dir(root, high_dir, require_high, flag)
     if high_dir is None and require_high:
         raise UserError(f"{root} has no high/ (or Normal/) subfolder with the ground truth images")
-    lows = _images_by_key(low_dir)
+    lows = _images_by_key(low_dir or root)
+    if not lows and low_dir is None:
+        raise _no_low_dir(root, high_dir, require_high, flag)
     if not lows:
         raise UserError(f"no images in {low_dir}; supported: png, jpg, jpeg, bmp, tif, webp")
     if high_dir is None:
@@ -121,9 +150,9 @@ def training_split(train_dir: str | Path, val_dir: str | Path | None,
                    val_percent: float) -> tuple[list[ImagePair], list[ImagePair]]:
     """(train, validation) pairs for both trainers: `val_dir` when given, else the held-out
     split of `train_dir` (`split_pairs`). The test set is never involved."""
-    pairs = find_pairs(train_dir)
+    pairs = find_pairs(train_dir, flag="--train_dir")
     if val_dir:
-        return pairs, find_pairs(val_dir)
+        return pairs, find_pairs(val_dir, flag="--val_dir")
     train, val = split_pairs(pairs, val_percent)
     if not train:
         raise UserError(f"all {len(pairs)} pairs of {train_dir} fell into the validation split; "

@@ -57,6 +57,19 @@ def add_trained_model_args(p: argparse.ArgumentParser, mem_help: str) -> None:
     add_memory_args(p)
 
 
+def check_model_files(args: argparse.Namespace, need_weights: bool = True) -> None:
+    """One UserError naming every model file given by the flags that does not exist (--weights
+    unless not `need_weights`, --mem_weights, --query_weights), before any is loaded, so that two
+    wrong paths are fixed in one go."""
+    given = {"--weights": args.weights if need_weights else None, "--mem_weights": args.mem_weights,
+             "--query_weights": getattr(args, "query_weights", None)}
+    missing = [f"{flag} {path}" for flag, path in given.items() if path and not Path(path).is_file()]
+    if missing:
+        raise UserError(f"{'these files do' if len(missing) > 1 else 'this file does'} not exist: "
+                        f"{', '.join(missing)}; pass the paths of .pth checkpoints (the bundled ones are in "
+                        "pre_trained_logs/, see pre_trained_logs/README.md)")
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run: auto takes CUDA, then Apple MPS, then the CPU")

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from dataset.pairing import ImagePair
 from models.evaluate import evaluate_pairs
 from models.loading import load_enhancer, load_memory
-from models.options import check_memory_flags
+from models.options import check_memory_flags, check_model_files
 from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.errors import UserError
 from utils.image_io import decode_stored
@@ -74,6 +74,7 @@ class PhotoRunner:
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.device = device
+        check_model_files(args)
         self.model, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
         self.model.to(device)
         self.refiner: MemoryRefiner | None = None

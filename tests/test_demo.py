@@ -146,12 +146,16 @@ def script_run(tmp_path):
                     '[ "$1" = "-m" ] && mkdir -p "$4/low"\nexit 0\n')
     stub.chmod(0o755)
 
-    def run(**env_extra: str) -> list[str]:
+    def run(expect_error: str | None = None, **env_extra: str) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("INPUT_DIR", "RESULT_DIR", "DATA_ROOT", "AMP")}
         env.update(PYTHON=str(stub), **env_extra)
         proc = subprocess.run(["sh", "test_script.sh"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=30)
-        assert proc.returncode == 0, proc.stderr
+        if expect_error is None:
+            assert proc.returncode == 0, proc.stderr
+        else:  # one line naming `expect_error`, exit 2
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert proc.stderr.startswith("error: ") and expect_error in proc.stderr, proc.stderr
         log = tmp_path / "calls.log"
         calls = log.read_text().splitlines() if log.exists() else []
         log.unlink(missing_ok=True)
@@ -196,3 +200,17 @@ def test_script_amp(script_run):
     assert "--amp none" in test
     (test,) = script_run(INPUT_DIR="/data/LOL-v1/eval15", AMP="bf16")
     assert "--amp bf16" in test
+
+
+def test_script_data_root_gives_its_eval15(script_run, tmp_path):
+    """DATA_ROOT alone makes the input DATA_ROOT/eval15 (the README's CPU section sets only it);
+    an INPUT_DIR given as well wins; a DATA_ROOT without eval15/ is one line naming DATA_ROOT,
+    and test.py does not start."""
+    root = tmp_path / "LOL-v1"
+    (root / "eval15" / "low").mkdir(parents=True)
+    (test,) = script_run(DATA_ROOT=str(root))
+    assert test.startswith(f"test.py --input_dir {root}/eval15 ")
+    (test,) = script_run(DATA_ROOT=str(root), INPUT_DIR="/data/photos")
+    assert test.startswith("test.py --input_dir /data/photos ")
+    assert script_run(expect_error=f"DATA_ROOT={tmp_path}/nodata has no eval15/",
+                      DATA_ROOT=str(tmp_path / "nodata")) == []

@@ -46,3 +46,48 @@ def test_two_runs_at_once_never_mix_their_results(tmp_path, weights):
     assert rows in (["a1", "a2", "a3"], ["b1", "b2", "b3"])
     if any(code == 2 for _, code in outcomes):  # the refused run wrote nothing
         assert sorted(p.stem for p in (result / "ori").iterdir()) == rows
+
+
+def test_abandon_removes_the_lock_and_only_the_empty_folders_this_run_made(tmp_path):
+    """abandon(): the lock file goes; the folders made for the run (first_missing) go where they
+    are empty, a folder that existed before stays, and a folder holding a file keeps it."""
+    from utils.folder_lock import LOCK_NAME, FolderLock, first_missing
+
+    result = tmp_path / "log_eval" / "eval15" / "run"
+    created = first_missing(result)
+    assert created == tmp_path / "log_eval"
+    (result / "ori").mkdir(parents=True)
+    FolderLock(result, "--result_dir", created).abandon()
+    assert list(tmp_path.iterdir()) == []
+
+    (result / "ori").mkdir(parents=True)
+    (result / "ori" / "1.png").write_bytes(b"kept")
+    FolderLock(result, "--result_dir", first_missing(result)).abandon()
+    assert [p.relative_to(result).as_posix() for p in sorted(result.rglob("*"))] == ["ori", "ori/1.png"]
+
+    before = tmp_path / "existing"
+    before.mkdir()
+    FolderLock(before, "--result_dir", first_missing(before)).abandon()
+    assert before.is_dir() and not (before / LOCK_NAME).exists()
+
+
+def test_a_lock_file_removed_before_it_was_locked_is_not_trusted(tmp_path, monkeypatch):
+    """An abandoning run may remove the lock file between our open and our flock: the lock is then
+    taken again on the file that the path names, never on the removed one."""
+    import fcntl
+
+    from utils import folder_lock
+    from utils.folder_lock import LOCK_NAME, FolderLock
+
+    real, calls = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not calls:
+            (tmp_path / LOCK_NAME).unlink()
+        calls.append(fd)
+        return real(fd, operation)
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", flock)
+    lock = FolderLock(tmp_path, "--result_dir")
+    assert len(calls) == 2 and (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    lock.release()

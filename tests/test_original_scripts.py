@@ -1,11 +1,11 @@
 """The original release's four command lines run against our scripts with only paths changed.
 
-The lines are read from ../shared/docs/original_scripts.md (the test skips, saying so, where that
-file is absent). They run in a temporary folder that holds the files their relative paths name
-(published-format enhancer and memory with random weights, a random torchvision-format ResNet-18
-and AlexNet in the torch hub cache), with the Windows data folders replaced by small local ones;
-downloads are forbidden (EMNET_NO_DOWNLOAD=1). Both trainings run one step: the only flag added
-stops them there (--nepoch 1 for the memory, --max_iters 1 for the enhancer).
+The lines are read from docs/original_commands.sh, which also holds, after each, the nearest line
+that runs offline; the README shows both. They run in a temporary folder that holds the files their
+relative paths name (published-format enhancer and memory with random weights, a random
+torchvision-format ResNet-18 and AlexNet in the torch hub cache), with the data folders replaced by
+small local ones; downloads are forbidden (EMNET_NO_DOWNLOAD=1). Both trainings run one step: the
+only flag added stops them there (--nepoch 1 for the memory, --max_iters 1 for the enhancer).
 """
 from __future__ import annotations
 
@@ -29,23 +29,44 @@ from models.loading import load_memory
 from models.query import RESNET18_URL
 from utils.perceptual import ALEXNET_FILE
 
-SCRIPTS_MD = REPO.parent / "shared" / "docs" / "original_scripts.md"
+COMMANDS_FILE = REPO / "docs" / "original_commands.sh"
+SCRIPTS_MD = REPO.parent / "shared" / "docs" / "original_scripts.md"  # the release's lines, verbatim
 PARSERS = {"test.py": test_py.get_args_parser, "train_memory.py": train_memory.get_args_parser,
            "train_enhancer.py": train_enhancer.get_args_parser}
-DATA_FLAGS = ("--input_dir", "--train_dir", "--val_dir")  # the authors' Windows folders
+DATA_FLAGS = ("--input_dir", "--train_dir", "--val_dir")  # data folders, replaced by local ones
+WEIGHT_FLAGS = ("--weights", "--mem_weights", "--pretrain_weights")
+
+
+def command_blocks() -> list[tuple[str, str]]:
+    """(kind, command) of each block of docs/original_commands.sh, kind being `original` or
+    `offline` (its first comment line), the command on one line."""
+    blocks = []
+    for block in re.split(r"\n\s*\n", COMMANDS_FILE.read_text()):
+        kind = re.match(r"# (original|offline):", block)
+        if kind:
+            lines = [line for line in block.splitlines() if not line.startswith("#")]
+            blocks.append((kind.group(1), " ".join(" ".join(lines).replace("\\", " ").split())))
+    return blocks
+
+
+def by_script(commands: list[str]) -> dict[str, list[list[str]]]:
+    """{script name: [argv, ...]} of `python SCRIPT ARGV...` command lines."""
+    found: dict[str, list[list[str]]] = {}
+    for command in commands:
+        argv = shlex.split(command)[1:]  # drop the interpreter
+        found.setdefault(argv[0], []).append(argv[1:])
+    assert set(found) == set(PARSERS), found.keys()
+    return found
 
 
 def original_commands() -> dict[str, list[list[str]]]:
-    """{script name: [argv without the interpreter, ...]} from the markdown's ```sh blocks."""
-    if not SCRIPTS_MD.is_file():
-        pytest.skip(f"{SCRIPTS_MD} is absent: the original release's command lines are not on this machine")
-    commands: dict[str, list[list[str]]] = {}
-    for block in re.findall(r"```sh\n(.*?)```", SCRIPTS_MD.read_text(), re.S):
-        for command in re.split(r"\n\s*\n", block.replace("\\\n", " ").strip()):
-            argv = shlex.split(command.replace("\\\\", "/"))[1:]  # drop the authors' interpreter
-            commands.setdefault(argv[0], []).append(argv[1:])
-    assert set(commands) == set(PARSERS), commands.keys()
-    return commands
+    """{script name: [argv without the interpreter, ...]}: the release's lines."""
+    return by_script([command for kind, command in command_blocks() if kind == "original"])
+
+
+def offline_commands() -> dict[str, list[list[str]]]:
+    """The nearest line that runs offline for each of the release's lines, in the same order."""
+    return by_script([command for kind, command in command_blocks() if kind == "offline"])
 
 
 def with_local_data(argv: list[str], folders: dict[str, Path]) -> list[str]:
@@ -120,6 +141,64 @@ def test_every_original_command_line_parses(release):
     enh = PARSERS["train_enhancer.py"]().parse_args(with_local_data(commands["train_enhancer.py"][0], release["folders"]))
     assert (enh.warmup, enh.grad_clip, enh.lpips_input_range, enh.lr_schedule, enh.datarange) == \
         (True, 0.0, "01", None, "01")
+
+
+def release_verbatim() -> dict[str, list[list[str]]]:
+    """The release's lines as published (../shared/docs/original_scripts.md), data folders cut to
+    their last name; skips where that file is absent (a clone has docs/original_commands.sh)."""
+    if not SCRIPTS_MD.is_file():
+        pytest.skip(f"{SCRIPTS_MD} is absent: nothing to check docs/original_commands.sh against")
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", SCRIPTS_MD.read_text(), re.S):
+        commands += re.split(r"\n\s*\n", block.replace("\\\n", " ").replace("\\\\", "/").strip())
+    return by_script([" ".join(command.split()) for command in commands])
+
+
+def data_names(argv: list[str]) -> list[str]:
+    return [a.rstrip("/").split("/")[-1] if prev in DATA_FLAGS else a for prev, a in zip(["", *argv], argv)]
+
+
+def test_commands_file_has_every_flag_and_value_of_the_release():
+    """docs/original_commands.sh's four lines are the release's, token for token, but for the
+    data folders' location."""
+    ours, theirs = original_commands(), release_verbatim()
+    assert {k: [data_names(a) for a in v] for k, v in ours.items()} == \
+        {k: [data_names(a) for a in v] for k, v in theirs.items()}
+
+
+def test_readme_shows_every_line_of_the_commands_file():
+    """The README's "From the original release" shows each original and offline line."""
+    readme = " ".join((REPO / "README.md").read_text().replace("\\\n", " ").split())
+    blocks = command_blocks()
+    assert [kind for kind, _ in blocks] == ["original", "offline"] * 4
+    for _, command in blocks:
+        assert command in readme, command
+
+
+def test_offline_lines_use_only_bundled_weights():
+    """Each offline line parses with our parsers, and every weights file it names is in the
+    repository; one offline line per original line."""
+    offline, original = offline_commands(), original_commands()
+    assert {k: len(v) for k, v in offline.items()} == {k: len(v) for k, v in original.items()}
+    for script, lines in offline.items():
+        for argv in lines:
+            PARSERS[script]().parse_args(argv)
+            files = [argv[i + 1] for i, a in enumerate(argv) if a in WEIGHT_FLAGS]
+            assert all((REPO / f).is_file() for f in files), files
+            assert files or script == "train_enhancer.py", argv  # the others name their weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", [("test.py", 0), ("test.py", 1), ("train_memory.py", 0), ("train_enhancer.py", 0)])
+def test_offline_line_runs_without_imagenet_weights(release, tmp_path, which):
+    """Each offline line runs with an empty torch hub cache and downloads forbidden (trainings
+    stopped after one step, as above), in a folder that has the repository's pre_trained_logs."""
+    script, index = which
+    (tmp_path / "pre_trained_logs").symlink_to(REPO / "pre_trained_logs")
+    argv = with_local_data(offline_commands()[script][index], release["folders"])
+    stop = {"train_memory.py": ["--nepoch", "1"], "train_enhancer.py": ["--max_iters", "1"]}.get(script, [])
+    (tmp_path / "torch_home").mkdir()
+    ok(run_original({**release, "root": tmp_path}, script, [*argv, *stop], torch_home=tmp_path / "torch_home"))
 
 
 @pytest.mark.slow

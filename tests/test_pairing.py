@@ -159,6 +159,34 @@ def test_missing_subfolders_are_user_errors(make_pairs, tmp_path):
         find_pairs(flat)
 
 
+def test_high_folder_alone_names_the_missing_low(make_pairs):
+    """A folder with high/ only (test.py's case, which takes folders without ground truth) is an
+    error naming the low/ it lacks, not "no images"."""
+    root = make_pairs(names=("1",), low_dir="high", high_dir=None)
+    with pytest.raises(UserError) as err:
+        find_pairs(root, require_high=False)
+    assert str(root / "low") in str(err.value) and "no images" not in str(err.value)
+
+
+def test_dataset_root_suggests_its_pair_folders(make_pairs, tmp_path):
+    """A dataset's root instead of one of its folders: the error names the sub-folders that hold
+    low/ (two levels deep, as LOL-v2's Real_captured/Test) and the flag to pass one with."""
+    lol = tmp_path / "LOL-v1"
+    lol.mkdir()
+    for name in ("eval15", "our485"):
+        make_pairs(names=("1",)).rename(lol / name)
+    (lol / "notes").mkdir()
+    for require_high, flag in ((False, "--input_dir"), (True, "--train_dir")):
+        with pytest.raises(UserError) as err:
+            find_pairs(lol, require_high=require_high, flag=flag)
+        assert "eval15, our485" in str(err.value) and f"{flag} {lol / 'eval15'}" in str(err.value)
+    v2 = tmp_path / "LOL-v2"
+    (v2 / "Real_captured").mkdir(parents=True)
+    make_pairs(names=("1",), low_dir="Low", high_dir="Normal").rename(v2 / "Real_captured" / "Test")
+    with pytest.raises(UserError, match=re.escape(str(Path("Real_captured") / "Test"))):
+        find_pairs(v2, require_high=False)
+
+
 def test_no_high_folder_without_require_high(make_pairs):
     """require_high=False: low/ alone gives pairs whose high is None."""
     root = make_pairs(names=("1", "2"), high_dir=None)

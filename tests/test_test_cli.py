@@ -237,11 +237,91 @@ def test_truncated_image(tmp_path, make_checkpoint):
     assert not (tmp_path / "r" / "metrics.csv").exists()
 
 
+def test_bad_images_are_listed_at_once_before_anything_is_written(tmp_path, make_checkpoint):
+    """1.png good, 22.png random bytes, a truncated ground truth 5.png and a pair of two sizes: one
+    error line names all three files and the pair, and the run leaves no result folder (no
+    ori/1.png, no lock) behind."""
+    weights, _ = make_checkpoint()
+    data = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    for name, size in (("1", (16, 24)), ("5", (16, 24)), ("22", (16, 24)), ("7", (16, 24))):
+        for side in ("low", "high"):
+            write_png(data / side / f"{name}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    (data / "low" / "22.png").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    raw = (data / "high" / "5.png").read_bytes()
+    (data / "high" / "5.png").write_bytes(raw[: len(raw) // 2])
+    write_png(data / "high" / "7.png", rng.integers(0, 256, (24, 16, 3), dtype=np.uint8))
+    result = tmp_path / "log_eval" / "r"
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", result, "--save_images")
+    line = assert_user_error(proc, data / "low" / "22.png", allow_noise=("libpng",))
+    assert str(data / "high" / "5.png") in line and f"{data / 'low' / '7.png'} is 24x16 but" in line
+    assert str(data / "low" / "1.png") not in line
+    assert not (tmp_path / "log_eval").exists()
+
+
+def test_a_run_that_fails_before_its_first_image_leaves_no_folder(small_input, make_checkpoint, tmp_path,
+                                                                    monkeypatch):
+    """A failure after the result folder was made but before the first image is done (here the
+    enhancer pass) removes the folder test.py made and its lock; into a folder that existed, the
+    folder and its files stay."""
+    import test as test_py
+    from utils.errors import UserError
+    from utils.folder_lock import LOCK_NAME
+
+    def fail(*args, **kwargs):
+        raise UserError("the first image failed")
+
+    monkeypatch.setattr(test_py, "evaluate_pairs", fail)
+    weights, _ = make_checkpoint()
+    for result, existed in ((tmp_path / "new" / "r", False), (tmp_path / "old", True)):
+        if existed:
+            (result / "ori").mkdir(parents=True)
+            (result / "ori" / "earlier.png").write_bytes(b"x")
+        args = test_py.get_args_parser().parse_args(
+            ["--weights", str(weights), "--input_dir", str(small_input), "--result_dir", str(result),
+             "--save_images", "--device", "cpu"])
+        with pytest.raises(UserError, match="the first image failed"):
+            test_py.main(args)
+        if existed:
+            assert sorted(p.name for p in result.rglob("*")) == ["earlier.png", "ori"]
+        else:
+            assert not (tmp_path / "new").exists()
+        assert not (result / LOCK_NAME).exists()
+
+
 def test_missing_weights(small_input, tmp_path):
     """--weights that does not exist."""
     missing = tmp_path / "nope.pth"
     proc = run_test_py("--weights", missing, "--input_dir", small_input, "--result_dir", tmp_path / "r")
     assert_user_error(proc, missing)
+
+
+def test_missing_weights_and_memory_are_one_error(small_input, tmp_path):
+    """Neither --weights nor --mem_weights exists: one line names both, and nothing is written."""
+    weights, memory = tmp_path / "nope.pth", tmp_path / "nomem.pth"
+    proc = run_test_py("--weights", weights, "--mem_weights", memory, "--input_dir", small_input,
+                       "--result_dir", tmp_path / "r")
+    line = assert_user_error(proc, f"--weights {weights}")
+    assert f"--mem_weights {memory}" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_dataset_root_as_input_names_its_folders(make_pairs, make_checkpoint, tmp_path):
+    """The LOL root instead of its eval15/: one line suggesting --input_dir ROOT/eval15."""
+    weights, _ = make_checkpoint()
+    root = tmp_path / "LOL-v1"
+    root.mkdir()
+    make_pairs(names=("1",)).rename(root / "eval15")
+    proc = run_test_py("--weights", weights, "--input_dir", root, "--result_dir", tmp_path / "r")
+    assert_user_error(proc, f"--input_dir {root / 'eval15'}")
+
+
+def test_high_folder_alone_as_input_names_the_missing_low(make_pairs, make_checkpoint, tmp_path):
+    """A folder holding high/ only: one line naming the low/ it lacks."""
+    weights, _ = make_checkpoint()
+    data = make_pairs(names=("1",), low_dir="high", high_dir=None)
+    proc = run_test_py("--weights", weights, "--input_dir", data, "--result_dir", tmp_path / "r")
+    assert "no images" not in assert_user_error(proc, data / "low")
 
 
 def test_corrupt_weights(small_input, tmp_path):

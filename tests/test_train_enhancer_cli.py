@@ -184,7 +184,15 @@ def _bad_missing_data(tmp_path, make_pairs):
     home = tmp_path / "empty_torch_home"
     home.mkdir()
     missing = tmp_path / "no_such_folder"
-    return missing, ["--lpips_lambda", "1"], [str(missing)], {"TORCH_HOME": str(home)}
+    return missing, ["--lpips_lambda", "1"], [f"--train_dir {missing}"], {"TORCH_HOME": str(home)}
+
+
+def _bad_dataset_root(tmp_path, make_pairs):
+    """The LOL root instead of its our485/: the error names the sub-folder to pass."""
+    root = tmp_path / "LOL-v1"
+    root.mkdir()
+    make_pairs(names=("1", "2"), size=(40, 40)).rename(root / "our485")
+    return root, [], [f"--train_dir {root / 'our485'}"], {}
 
 
 def _bad_amp(tmp_path, make_pairs):
@@ -193,9 +201,9 @@ def _bad_amp(tmp_path, make_pairs):
 
 
 @pytest.mark.parametrize("case", [_bad_empty, _bad_unpaired, _bad_train_ps, _bad_batch, _bad_save_dir,
-                                  _bad_resume, _bad_lpips, _bad_missing_data, _bad_amp],
+                                  _bad_resume, _bad_lpips, _bad_missing_data, _bad_dataset_root, _bad_amp],
                          ids=["empty", "unpaired", "train_ps", "batch_size", "save_dir", "resume",
-                              "lpips_offline", "missing_data_offline", "amp_fp16_cpu"])
+                              "lpips_offline", "missing_data_offline", "dataset_root", "amp_fp16_cpu"])
 def test_bad_input_is_one_error_line(case, tmp_path, make_pairs):
     """Each bad input exits with status 2 and a last stderr line 'error: ...' naming the offending
     path or flag (case-insensitively for 'alexnet'), no traceback, nothing else but tqdm noise."""
