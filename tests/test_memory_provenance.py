@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -105,24 +106,45 @@ def sourced_memory(tmp_path: Path, enhancer) -> tuple[Path, list[np.ndarray]]:
     return path, targets
 
 
-def test_sources_round_trip_and_top_entries(tmp_path):
-    """Names and thumbnails survive save/load; the refiner's top entries name the sample that
-    wrote each best slot, best score first, and equal the memory's own top-k scores."""
+def test_sources_round_trip(tmp_path):
+    """Names and thumbnails survive save/load; slots of no known sample read "unknown"."""
     enhancer = random_enhancer("emnet_tiny", 8)
-    path, targets = sourced_memory(tmp_path, enhancer)
-    mem, ckpt = load_memory(path)
+    path, _ = sourced_memory(tmp_path, enhancer)
+    _, ckpt = load_memory(path)
     src = EntrySources(ckpt)
     assert src.names == list("abcde") and src.name(7) == UNKNOWN and src.name(-1) == UNKNOWN
     assert src.thumbnail(2).shape == (*SOURCE_THUMB_HW, 3) and (src.thumbnail(2) == 80).all()
     assert src.thumbnail(9) is None
+
+
+def test_top_entries_rank_written_slots_only(tmp_path):
+    """The refiner's top entries name the sample that wrote each best written slot, best first,
+    with its cosine score. Slots never written hold the query itself as key (score 1, the highest)
+    and are never shown; asked for more entries than slots are written, it shows the written ones.
+
+    Written keys are cos(t) q + sin(t) u for the image's query q and a unit u orthogonal to it, so
+    slot scores are cos(t): a 0.9, b 0.5, c 0.7, d -0.2, e 0.3."""
+    enhancer = random_enhancer("emnet_tiny", 8)
+    path, _ = sourced_memory(tmp_path, enhancer)
+    mem, ckpt = load_memory(path)
     refiner = build_refiner(mem, ckpt, path, enhancer, None, None)
-    x = torch.rand(2, 3, 24, 40)
-    top = refiner.top_entries(x, n=3)
-    scores, slots = mem.scores(refiner.query(x)).topk(3, dim=1)
-    for b in range(2):
-        assert [e["index"] for e in top[b]] == [int(mem.top_index[j]) for j in slots[b]]
-        assert [e["name"] for e in top[b]] == ["abcde"[int(mem.top_index[j])] for j in slots[b]]
-        assert [e["score"] for e in top[b]] == pytest.approx(scores[b].tolist(), abs=1e-4)
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        q = refiner.query(x)[0]
+    u = torch.nn.functional.normalize(torch.randn(q.numel(), generator=torch.Generator().manual_seed(1)), dim=0)
+    u = torch.nn.functional.normalize(u - (u @ q) * q, dim=0)
+    written = {1: (0, 0.9), 2: (1, 0.5), 4: (2, 0.7), 5: (3, -0.2), 7: (4, 0.3)}  # slot: (sample, score)
+    mem.top_index.fill_(-1)
+    mem.key.copy_(q.expand_as(mem.key))
+    for slot, (sample, score) in written.items():
+        mem.top_index[slot] = sample
+        mem.key[slot] = score * q + math.sqrt(1 - score ** 2) * u
+
+    def shown(n: int) -> list[tuple[str, int, float]]:
+        return [(e["name"], e["index"], e["score"]) for e in refiner.top_entries(x, n=n)[0]]
+
+    assert shown(3) == [("a", 0, 0.9), ("c", 2, 0.7), ("b", 1, 0.5)]
+    assert shown(8) == [("a", 0, 0.9), ("c", 2, 0.7), ("b", 1, 0.5), ("e", 4, 0.3), ("d", 3, -0.2)]
 
 
 def test_old_memory_reads_unknown_sources(tmp_path):

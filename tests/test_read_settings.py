@@ -1,10 +1,12 @@
 """models/read_settings.py: one type for how a memory is read, built from its checkpoint and the flags."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from models.memory import ExternalMemory, MemoryConfig, refine_with_memory
+from models.memory import ExternalMemory, MemoryConfig
 from models.read_settings import ReadSettings, parse_strength
 from utils.errors import UserError
 
@@ -49,13 +51,35 @@ def test_strength_flag_values():
         parse_strength("auto")  # "auto" means something to train_memory.py only
 
 
-def test_recall_and_correct_are_the_memory_read_and_the_refinement():
-    torch.manual_seed(0)
-    memory = ExternalMemory(MemoryConfig(mem_size=8, key_dim=4, pooling_size=1), torch.Generator().manual_seed(0))
-    memory.top_index[:] = torch.arange(8)
-    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
-    read = ReadSettings(top_k=3, temperature=0.1, strength=0.7, pooling_mean=True)
-    assert torch.equal(read.recall(memory, q), memory.read(q, 3, 0.1))
-    y = torch.rand(2, 3, 8, 8)
-    recalled = read.recall(memory, q)
-    assert torch.equal(read.correct(y, recalled, 1), refine_with_memory(y, recalled, 1, True, 0.7))
+def hand_built_memory() -> ExternalMemory:
+    """4 written slots with 2-d keys at known angles and one-hot colour values: slot 0 key (1, 0)
+    red, slot 1 (0, 1) green, slot 2 (cos 60, sin 60) blue, slot 3 (-1, 0) green."""
+    memory = ExternalMemory(MemoryConfig(mem_size=4, key_dim=2, pooling_size=1))
+    memory.key.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, math.sqrt(3) / 2], [-1.0, 0.0]]))
+    memory.value.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 0]]))
+    memory.top_index.copy_(torch.arange(4))
+    return memory
+
+
+def test_recall_weighs_the_top_k_slots_by_softmax_of_score_over_temperature():
+    """Query (1, 0) scores the slots 1, 0, 0.5, -1 and query (0, 1) scores 0, 1, sqrt(3)/2, 0: with
+    k = 2 and T = 0.5 each recalls its two best slots' values weighted exp(score / T)."""
+    memory = hand_built_memory()
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = math.e
+    red_weight = e ** 2 / (e ** 2 + e ** 1)  # slots 0 (score 1) and 2 (score 0.5), over T = 0.5
+    green_weight = e ** 2 / (e ** 2 + e ** math.sqrt(3))  # slots 1 (score 1) and 2 (sqrt(3)/2)
+    expected = torch.tensor([[red_weight, 0, 1 - red_weight], [0, green_weight, 1 - green_weight]])
+    recalled = ReadSettings(top_k=2, temperature=0.5).recall(memory, q)
+    assert torch.allclose(recalled, expected, atol=1e-6)
+    assert torch.equal(ReadSettings(top_k=1).recall(memory, q), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+
+
+def test_correct_applies_the_strength_and_one_gain_for_all_channels():
+    """An output of constant colour (0.2, 0.4, 0.4) and a recalled (0.4, 0.4, 0.8): ratios (2, 1, 2);
+    strength 0.5 gives gains (1.5, 1, 1.5), and pooling_mean their mean 4/3 on every channel."""
+    y = torch.tensor([0.2, 0.4, 0.4])[None, :, None, None].expand(1, 3, 4, 4)
+    recalled = torch.tensor([[0.4, 0.4, 0.8]])
+    per_channel = ReadSettings(strength=0.5).correct(y, recalled, 1)
+    assert torch.allclose(per_channel, y * torch.tensor([1.5, 1.0, 1.5])[None, :, None, None])
+    assert torch.allclose(ReadSettings(strength=0.5, pooling_mean=True).correct(y, recalled, 1), y * 4 / 3)

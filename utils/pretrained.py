@@ -18,7 +18,6 @@ from utils.config import NO_DOWNLOAD_ENV
 from utils.errors import UserError
 
 
-
 def hub_checkpoint_dir() -> Path:
     """Where torch.hub (and torchvision) keep downloaded weights."""
     return Path(torch.hub.get_dir()) / "checkpoints"
