@@ -35,6 +35,8 @@ from utils.errors import UserError
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 
 MEM_COLUMNS = ["ori_psnr", "ori_ssim", "ori_gt_mean_psnr", "mem_psnr", "mem_ssim", "mem_gt_mean_psnr"]
+EFFECT_COLUMNS = ["gain_r", "gain_g", "gain_b", "ori_brightness", "mem_brightness", "brightness_change_pct",
+                  "brightness_effect", "recall_score", "recall_percentile", "memory", "memory_reason"]
 
 
 def run_py(script: str, *args: str | Path, env_extra: dict[str, str] | None = None,
@@ -136,7 +138,7 @@ def test_test_py_with_trained_memory(setup, trained, tested, name):
             img = cv2.imread(str(result / stage / f"{n}.png"))
             assert img is not None and img.shape == (59, 77, 3), (stage, n)
     fields, rows = read_csv(result / "metrics.csv")
-    assert fields == ["name", *MEM_COLUMNS, "recalled"] and [r["name"] for r in rows] == ["x", "y"]
+    assert fields == ["name", *MEM_COLUMNS, *EFFECT_COLUMNS, "recalled"] and [r["name"] for r in rows] == ["x", "y"]
     summary = json.loads((result / "summary.json").read_text())
     _, ckpt = load_memory(setup["save"] / name / "models" / "memory_best.pth")
     for r in rows:  # the recalled entries name training images of this memory, as in summary.json
