@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import published_memory, random_enhancer, save_memory, tiny_memory
-from models.loading import load_memory
+from models.loading import check_memory_flags, load_memory
+from models.memory import MemoryConfig
 from models.query import QueryHead
 from models.read_settings import ReadSettings
 from models.refiner import build_refiner
@@ -70,3 +71,16 @@ def test_enhancer_checkpoint_is_not_a_memory(make_checkpoint):
     with pytest.raises(UserError) as err:
         load_memory(path)
     assert str(path) in str(err.value) and "not an external-memory checkpoint" in str(err.value)
+
+
+def test_memory_flags_not_given_pass_and_each_mismatch_names_flag_and_both_values():
+    """--mem_size/--K_feat_dim/--V_feat_dim: None (not given) and matching values pass; a mismatch
+    names the flag, the given value and the memory's (V_feat_dim counts p * p values per channel)."""
+    config = MemoryConfig(mem_size=12, key_dim=8, pooling_size=2)
+    check_memory_flags(None, None, None, config, "memory m.pth")
+    check_memory_flags(12, 8, 4, config, "memory m.pth")
+    for given, flag, value, actual in (((13, None, None), "--mem_size", 13, 12),
+                                       ((None, 9, None), "--K_feat_dim", 9, 8),
+                                       ((None, None, 2), "--V_feat_dim", 2, 4)):
+        with pytest.raises(UserError, match=f"^{flag} {value} does not match memory m.pth, which has {actual};"):
+            check_memory_flags(*given, config, "memory m.pth")
