@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import published_memory, random_enhancer, save_memory, tiny_memory
-from models.loading import check_memory_flags, load_memory
+from models.loading import check_memory_flags, check_model_files, load_memory
 from models.memory import MemoryConfig
 from models.query import QueryHead
 from models.read_settings import ReadSettings
@@ -84,3 +84,14 @@ def test_memory_flags_not_given_pass_and_each_mismatch_names_flag_and_both_value
                                        ((None, None, 2), "--V_feat_dim", 2, 4)):
         with pytest.raises(UserError, match=f"^{flag} {value} does not match memory m.pth, which has {actual};"):
             check_memory_flags(*given, config, "memory m.pth")
+
+
+def test_model_files_missing_are_named_in_one_error_and_none_is_not_checked(tmp_path):
+    """Every missing file given is named in one UserError; None (not given, or --weights with
+    --enhanced_dir) and existing files pass."""
+    present = tmp_path / "w.pth"
+    present.write_bytes(b"x")
+    check_model_files(present, None, None)
+    check_model_files(None, present, None)
+    with pytest.raises(UserError, match=r"^these files do not exist: --weights a\.pth, --query_weights q\.pth;"):
+        check_model_files("a.pth", present, "q.pth")
