@@ -22,7 +22,8 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 from dataset.demo import ensure_demo_set  # noqa: E402
-from models.options import (  # noqa: E402
+from models.photo import PhotoRunner  # noqa: E402
+from options import (  # noqa: E402
     HelpFormatter,
     add_device_arg,
     add_max_memory_arg,
@@ -30,14 +31,13 @@ from models.options import (  # noqa: E402
     add_trained_model_args,
     set_memory_budget,
 )
-from models.photo import PhotoRunner  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
+from utils.bundled import BUNDLED  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.image_io import is_image_file  # noqa: E402
 from utils.memory_effect import UNCHANGED_PCT, MemoryEffect  # noqa: E402
 
-BUNDLED = Path("pre_trained_logs")
 NO_MEMORY = "none"
 MAX_EXAMPLES = 24  # thumbnails shown from --examples
 # What the dropdowns say of the bundled files (README "Weights"; CPU speeds: benchmarks/README.md,

@@ -28,20 +28,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.inference import enhance_with_features
-from models.loading import load_enhancer, load_memory
-from models.options import (
-    HelpFormatter,
-    add_device_arg,
-    add_trained_model_args,
-    check_border_margin,
-    check_model_files,
-    writable_dir,
-)
+from models.inference import check_border_margin, enhance_with_features
+from models.loading import check_model_files, load_enhancer, load_memory
 from models.refiner import MemoryRefiner, refiner_from_flags
+from options import HelpFormatter, add_device_arg, add_trained_model_args
 from utils.allocator import tune_allocator
 from utils.device import resolve_device
-from utils.errors import UserError, run_cli, write_error
+from utils.errors import UserError, run_cli, writable_dir, write_error
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 
 CODECS = {".mp4": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}  # output extension -> FourCC
@@ -207,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
     if dst.is_dir():
         raise UserError(f"--output {dst} is a folder; pass a file name such as {dst / 'enhanced.mp4'}")
     device = resolve_device(args.device)
-    check_model_files(args)
+    check_model_files(args.weights, args.mem_weights, args.query_weights)
     capture, first, fps, stated = open_video(src)
     writable_dir(dst.parent, "--output")
     model, _ = load_enhancer(args.weights, args.arch, args.embed_dim)

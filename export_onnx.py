@@ -32,21 +32,15 @@ import torch
 from torch import nn
 
 from models.enhancer import EMNetEnhancer
-from models.inference import MULTIPLE
-from models.loading import load_enhancer, load_memory
+from models.inference import MULTIPLE, check_border_margin
+from models.loading import check_model_files, load_enhancer, load_memory
 from models.memory import ExternalMemory
-from models.options import (
-    HelpFormatter,
-    add_trained_model_args,
-    check_border_margin,
-    check_model_files,
-    writable_dir,
-)
 from models.query import ENHANCER_DESCRIPTORS
 from models.refiner import MemoryRefiner, refiner_from_flags
+from options import HelpFormatter, add_trained_model_args
 from utils.allocator import tune_allocator
 from utils.atomic import atomic_write
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli, writable_dir
 
 OPSETS = range(17, 21)  # 17: the first with LayerNormalization; 20: the classic exporter's last
 EXAMPLE_SIZE = (37, 53)  # the traced example: both pads non-zero
@@ -174,7 +168,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("the onnx package is not installed; pip install onnx (and onnxruntime to run "
                         "the exported model)") from None
     check_border_margin(args.border_margin)
-    check_model_files(args)
+    check_model_files(args.weights, args.mem_weights, args.query_weights)
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; pass a file name such as {output / 'emnet.onnx'}")

@@ -14,9 +14,9 @@ from pathlib import Path as _Path
 from typing import TYPE_CHECKING
 
 import models.loading as _loading
-import models.options as _options
 import models.query as _query
 import models.refiner as _refiner
+import utils.bundled as _bundled
 
 if TYPE_CHECKING:  # names for the annotations only, so that torch.hub.list shows the two entries alone
     from pathlib import Path
@@ -34,7 +34,7 @@ def emnet(weights: str | Path | None = None, arch: str | None = None, embed_dim:
     """The EMNet enhancer, in eval mode on the CPU: the bundled published network (dim 32) unless
     `weights` names a checkpoint (ours, or the authors' `model_lolv1.pth`; `arch`/`embed_dim` as
     test.py's flags)."""
-    model, _ = _loading.load_enhancer(weights or _REPO / _options.BUNDLED_ENHANCER, arch, embed_dim)
+    model, _ = _loading.load_enhancer(weights or _REPO / _bundled.BUNDLED_ENHANCER, arch, embed_dim)
     return model
 
 
@@ -44,7 +44,7 @@ def emnet_memory(weights: str | Path | None = None, enhancer: EMNetEnhancer | No
     memory unless `weights` names another. A memory queried by enhancer features needs the
     enhancer that filled it: `enhancer` (default: the bundled one; another is checked against the
     memory's fingerprint). `query_weights`: the ImageNet ResNet-18 of the authors' memory files."""
-    path = weights or _REPO / _options.BUNDLED_MEMORY
+    path = weights or _REPO / _bundled.BUNDLED_MEMORY
     memory, ckpt = _loading.load_memory(path)
     if enhancer is None and ckpt["query_encoder"] in _query.ENHANCER_DESCRIPTORS:
         enhancer = emnet()

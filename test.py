@@ -27,30 +27,26 @@ from dataset.paired_folder import check_inputs
 from dataset.pairing import find_pairs
 from models.enhancer import EMNetEnhancer
 from models.evaluate import evaluate_pairs, match_enhanced
-from models.loading import describe_config, load_enhancer, load_memory
-from models.options import (
+from models.inference import check_border_margin
+from models.loading import check_memory_flags, check_model_files, describe_config, load_enhancer, load_memory
+from models.query import ENHANCER_DESCRIPTORS
+from models.refiner import MemoryRefiner, refiner_from_flags
+from options import (
     HelpFormatter,
     add_device_arg,
     add_max_memory_arg,
     add_memory_build_args,
     add_trained_model_args,
-    check_border_margin,
-    check_memory_flags,
-    check_model_files,
-    default_result_dir,
     set_memory_budget,
-    writable_dir,
 )
-from models.query import ENHANCER_DESCRIPTORS
-from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.allocator import tune_allocator
 from utils.device import resolve_device
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli, writable_dir
 from utils.folder_lock import FolderLock, first_missing
 from utils.memory_effect import effect_line
 from utils.perceptual import LPIPS_CONVENTION, build_lpips
 from utils.pictures import write_pictures
-from utils.report import METRICS, format_table, write_report
+from utils.report import METRICS, default_result_dir, format_table, write_report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,8 +86,7 @@ def load_models(args: argparse.Namespace, device: torch.device, enhanced: dict[s
     says of them."""
     memory, mem_ckpt = load_memory(args.mem_weights) if args.mem_weights else (None, {})
     if memory is not None:
-        check_memory_flags(args, memory.config.mem_size, memory.config.key_dim, memory.config.pooling_size,
-                           f"memory {args.mem_weights}")
+        check_memory_flags(args.mem_size, args.K_feat_dim, args.V_feat_dim, memory.config, f"memory {args.mem_weights}")
     model, meta = None, {"input_dir": str(args.input_dir)}
     if enhanced is None or mem_ckpt.get("query_encoder") in ENHANCER_DESCRIPTORS:
         model, ckpt = load_enhancer(args.weights, args.arch, args.embed_dim)
@@ -115,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
     check_border_margin(args.border_margin)
     set_memory_budget(args.max_memory)
     device = resolve_device(args.device)
-    check_model_files(args, need_weights=not args.enhanced_dir)
+    check_model_files(None if args.enhanced_dir else args.weights, args.mem_weights, args.query_weights)
     pairs = find_pairs(args.input_dir, require_high=False)
     enhanced = match_enhanced(pairs, args.enhanced_dir) if args.enhanced_dir else None
     if enhanced is not None and not args.mem_weights:

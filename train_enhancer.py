@@ -42,25 +42,23 @@ from models.evaluate import evaluate_pairs
 from models.fast import FastForward, budget
 from models.inference import enhance
 from models.loading import check_state_dict, describe_config, enhancer_payload, load_enhancer
-from models.options import (
+from options import (
     HelpFormatter,
     add_device_arg,
     add_enhancer_args,
     add_max_memory_arg,
     add_split_arg,
-    parse_with_given,
-    resume_flags,
     set_memory_budget,
-    writable_dir,
 )
 from utils.allocator import tune_allocator
 from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
 from utils.device import resolve_device
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli, writable_dir
 from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.report import mean_scores
+from utils.resume import parse_with_given, resume_flags
 from utils.run_log import RunLog
 from utils.schedule import SchedulePlan, build_schedule, fix_budget, last_iteration, schedule_plan
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything

@@ -36,10 +36,13 @@ from dataset.scene_groups import input_scenes, scene_groups
 from models.abstention import fit_abstention, scene_match
 from models.calibration import calibrate_strength
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
-from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
+from models.inference import check_border_margin
+from models.loading import check_memory_flags, enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value
-from models.options import (
-    BUNDLED_ENHANCER,
+from models.provenance import sources_payload
+from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
+from models.read_settings import ReadSettings
+from options import (
     HelpFormatter,
     add_border_arg,
     add_device_arg,
@@ -48,23 +51,17 @@ from models.options import (
     add_memory_args,
     add_memory_build_args,
     add_split_arg,
-    check_border_margin,
-    check_memory_flags,
-    parse_with_given,
-    resume_flags,
     set_memory_budget,
-    writable_dir,
 )
-from models.provenance import sources_payload
-from models.query import ENHANCER_DESCRIPTORS, QueryHead, build_query_encoder, threshold_triplet_loss
-from models.read_settings import ReadSettings
 from utils.allocator import tune_allocator
+from utils.bundled import BUNDLED_ENHANCER
 from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
 from utils.device import resolve_device
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, run_cli, writable_dir
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 from utils.mid_epoch import MidEpoch
 from utils.report import mean_scores, score
+from utils.resume import parse_with_given, resume_flags
 from utils.run_log import RunLog
 from utils.seed import seed_everything
 from utils.signals import StopSignals, ignore_stop_signals
@@ -151,9 +148,10 @@ def memory_config(args: argparse.Namespace, key_dim: int, top_k: int) -> MemoryC
     if args.mem_size < 1 or not 1 <= top_k <= args.mem_size:
         raise UserError(f"--testing_top_k {top_k} and --mem_size {args.mem_size} must satisfy "
                         "1 <= testing_top_k <= mem_size")
-    check_memory_flags(args, args.mem_size, key_dim, p,
+    config = MemoryConfig(mem_size=args.mem_size, key_dim=key_dim, pooling_size=p, threshold=args.thres)
+    check_memory_flags(args.mem_size, args.K_feat_dim, args.V_feat_dim, config,
                        f"the {args.query_encoder} query width and p = {p} (--pooling_size)")
-    return MemoryConfig(mem_size=args.mem_size, key_dim=key_dim, pooling_size=p, threshold=args.thres)
+    return config
 
 
 def image_queries(passes: list[FrozenPass], pairs: list[ImagePair], encoder: torch.nn.Module,

@@ -35,11 +35,16 @@ from dataset.paired_folder import read_pair  # noqa: E402
 from dataset.pairing import ImagePair, find_pairs  # noqa: E402
 from models import baselines  # noqa: E402
 from models.evaluate import evaluate_pairs, match_enhanced  # noqa: E402
-from models.options import BUNDLED_ENHANCER, add_device_arg, writable_dir  # noqa: E402
+from options import add_device_arg  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.errors import (  # noqa: E402
+    UserError,
+    run_cli,
+    writable_dir,  # noqa: E402
+)
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8, write_image  # noqa: E402
 from utils.metrics import METRIC_CONVENTION  # noqa: E402
 from utils.report import METRICS, mean_scores  # noqa: E402

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.pairing import find_pairs  # noqa: E402
-from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
 from utils.image_io import read_image, to_uint8  # noqa: E402
 
 # argv: weights, input folder, output folder, "original" or "plain".

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 from models import fast  # noqa: E402
 from models.inference import pad_for_network  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
-from models.options import BUNDLED_ENHANCER  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER  # noqa: E402
 from utils.device import peak_memory_mib, resolve_device  # noqa: E402
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import psnr  # noqa: E402

@@ -25,7 +25,7 @@ import cv2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER, BUNDLED_MEMORY  # noqa: E402
 
 
 def peak_of(cmd: list[str]) -> tuple[float, float]:

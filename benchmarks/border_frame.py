@@ -28,8 +28,8 @@ from dataset.paired_folder import read_pair  # noqa: E402
 from dataset.pairing import find_pairs  # noqa: E402
 from models.inference import enhance  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
-from models.options import BUNDLED_ENHANCER  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8  # noqa: E402
 from utils.metrics import edge_ratio, frame_psnr  # noqa: E402

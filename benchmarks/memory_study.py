@@ -57,8 +57,8 @@ from dataset.scene_groups import DEFAULT_THRESHOLD, grouped_folds, input_scenes,
 from models.frozen_pass import cache_key, cached_passes  # noqa: E402
 from models.inference import BORDER_MARGIN  # noqa: E402
 from models.loading import load_enhancer  # noqa: E402
-from models.options import BUNDLED_ENHANCER  # noqa: E402
 from utils.allocator import tune_allocator  # noqa: E402
+from utils.bundled import BUNDLED_ENHANCER  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 

@@ -13,9 +13,16 @@ import torch.nn.functional as F
 
 from models import fast
 from models.enhancer import EMNetEnhancer
+from utils.errors import UserError
 
 MULTIPLE = 8  # three 2x downsamplings
 BORDER_MARGIN = 8  # default reflected margin (pixels per side); 0 = the original code's behaviour
+
+
+def check_border_margin(margin: int) -> None:
+    """A negative --border_margin is a UserError (0 is the original code's behaviour)."""
+    if margin < 0:
+        raise UserError(f"--border_margin {margin} must be >= 0 (0 = the original code)")
 
 
 def _pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:

@@ -184,3 +184,28 @@ def load_memory(path: str | Path) -> tuple[ExternalMemory, dict[str, Any]]:
     memory.age.copy_(ckpt["mem_age"])
     memory.top_index.copy_(ckpt["mem_index"])
     return memory, ckpt
+
+
+def check_memory_flags(mem_size: int | None, key_dim: int | None, value_dim: int | None,
+                       config: MemoryConfig, what: str) -> None:
+    """The memory-shape flags given (--mem_size, --K_feat_dim, --V_feat_dim; None: not given)
+    against the memory of `config`, which `what` describes; a mismatch is a UserError naming both
+    values. --V_feat_dim counts values per colour channel, p * p."""
+    for flag, value, actual in (("--mem_size", mem_size, config.mem_size), ("--K_feat_dim", key_dim, config.key_dim),
+                                ("--V_feat_dim", value_dim, config.pooling_size ** 2)):
+        if value is not None and value != actual:
+            raise UserError(f"{flag} {value} does not match {what}, which has {actual}; "
+                            f"pass {flag} {actual} or drop it")
+
+
+def check_model_files(weights: str | Path | None, mem_weights: str | Path | None,
+                      query_weights: str | Path | None) -> None:
+    """One UserError naming every model file given (--weights, --mem_weights, --query_weights;
+    None: not given or not needed) that does not exist, before any is loaded, so that two wrong
+    paths are fixed in one go."""
+    given = {"--weights": weights, "--mem_weights": mem_weights, "--query_weights": query_weights}
+    missing = [f"{flag} {path}" for flag, path in given.items() if path and not Path(path).is_file()]
+    if missing:
+        raise UserError(f"{'these files do' if len(missing) > 1 else 'this file does'} not exist: "
+                        f"{', '.join(missing)}; pass the paths of .pth checkpoints (the bundled ones are in "
+                        "pre_trained_logs/, see pre_trained_logs/README.md)")

@@ -9,7 +9,6 @@ budget (--max_memory) as in test.py.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dataset.pairing import ImagePair
 from models.evaluate import evaluate_pairs
-from models.loading import load_enhancer, load_memory
-from models.options import check_memory_flags, check_model_files
+from models.loading import check_memory_flags, check_model_files, load_enhancer, load_memory
 from models.refiner import MemoryRefiner, refiner_from_flags
 from utils.errors import UserError
 from utils.image_io import decode_stored
@@ -72,15 +70,17 @@ def check_photo(path: str | Path | None, max_pixels: int) -> tuple[int, int]:
 class PhotoRunner:
     """An enhancer and optional memory, loaded once, run on single photos."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: Any, device: torch.device):
+        """`args`: test.py's flags for the enhancer and memory (`options.add_trained_model_args`,
+        `options.add_memory_build_args`), parsed."""
         self.device = device
-        check_model_files(args)
+        check_model_files(args.weights, args.mem_weights, args.query_weights)
         self.model, _ = load_enhancer(args.weights, args.arch, args.embed_dim)
         self.model.to(device)
         self.refiner: MemoryRefiner | None = None
         if args.mem_weights:
             memory, ckpt = load_memory(args.mem_weights)
-            check_memory_flags(args, memory.config.mem_size, memory.config.key_dim, memory.config.pooling_size,
+            check_memory_flags(args.mem_size, args.K_feat_dim, args.V_feat_dim, memory.config,
                                f"memory {args.mem_weights}")
             self.refiner = refiner_from_flags(memory, ckpt, args, self.model).to(device)
         self.margin = args.border_margin

@@ -2,7 +2,6 @@
 the strength calibration, the memory study) builds its reads and corrections from."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -50,8 +49,8 @@ class ReadSettings:
         stored = {k: v for k, v in ckpt.get("read", {}).items() if k in STORED}
         return cls(**stored, query_encoder=ckpt.get("query_encoder"))
 
-    def with_flags(self, args: argparse.Namespace) -> ReadSettings:
-        """These settings overridden by the read flags given (`models.options.add_memory_args`;
+    def with_flags(self, args: Any) -> ReadSettings:
+        """These settings overridden by the read flags given (`options.add_memory_args`, parsed;
         None is "not given")."""
         given = {"top_k": args.testing_top_k, "temperature": args.temperature,
                  "strength": None if args.strength is None else parse_strength(args.strength),

@@ -177,7 +177,7 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
 def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
                        enhancer: EMNetEnhancer | None) -> MemoryRefiner:
     """`build_refiner` for the memory `args.mem_weights` read as it stores, overridden by the
-    flags of `models.options.add_memory_args`, as every script that reads a memory takes them."""
+    flags of `options.add_memory_args`, as every script that reads a memory takes them."""
     read = ReadSettings.from_checkpoint(ckpt).with_flags(args)
     return build_refiner(memory, ckpt, args.mem_weights, enhancer, read, args.query_weights,
                          args.pooling_size, getattr(args, "weights", None))

@@ -10,7 +10,7 @@ from skimage import data
 from conftest import REPO
 from models.inference import BORDER_MARGIN, enhance
 from models.loading import load_enhancer
-from models.options import BUNDLED_ENHANCER
+from utils.bundled import BUNDLED_ENHANCER
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 from utils.metrics import edge_ratio, frame_psnr
 

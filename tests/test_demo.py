@@ -177,7 +177,7 @@ def test_script_default_runs_the_demo(script_run):
 
 def test_script_defaults_are_the_bundled_files(script_run):
     """test_script.sh runs the weights and memory the Python code calls bundled, and both exist."""
-    from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY
+    from utils.bundled import BUNDLED_ENHANCER, BUNDLED_MEMORY
 
     _, test = script_run()
     args = test.split()

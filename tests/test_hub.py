@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, assert_ran, run_test_py, write_enhancer_checkpoint, write_png
 from models.enhancer import EMNetEnhancer
 from models.inference import enhance_with_features
-from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY
 from models.refiner import MemoryRefiner
+from utils.bundled import BUNDLED_ENHANCER, BUNDLED_MEMORY
 from utils.image_io import image_to_tensor, read_image, tensor_to_image, to_uint8
 
 

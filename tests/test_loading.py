@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import published_memory, random_enhancer, save_memory, tiny_memory
-from models.loading import load_memory
+from models.loading import check_memory_flags, check_model_files, load_memory
+from models.memory import MemoryConfig
 from models.query import QueryHead
 from models.read_settings import ReadSettings
 from models.refiner import build_refiner
@@ -70,3 +71,27 @@ def test_enhancer_checkpoint_is_not_a_memory(make_checkpoint):
     with pytest.raises(UserError) as err:
         load_memory(path)
     assert str(path) in str(err.value) and "not an external-memory checkpoint" in str(err.value)
+
+
+def test_memory_flags_not_given_pass_and_each_mismatch_names_flag_and_both_values():
+    """--mem_size/--K_feat_dim/--V_feat_dim: None (not given) and matching values pass; a mismatch
+    names the flag, the given value and the memory's (V_feat_dim counts p * p values per channel)."""
+    config = MemoryConfig(mem_size=12, key_dim=8, pooling_size=2)
+    check_memory_flags(None, None, None, config, "memory m.pth")
+    check_memory_flags(12, 8, 4, config, "memory m.pth")
+    for given, flag, value, actual in (((13, None, None), "--mem_size", 13, 12),
+                                       ((None, 9, None), "--K_feat_dim", 9, 8),
+                                       ((None, None, 2), "--V_feat_dim", 2, 4)):
+        with pytest.raises(UserError, match=f"^{flag} {value} does not match memory m.pth, which has {actual};"):
+            check_memory_flags(*given, config, "memory m.pth")
+
+
+def test_model_files_missing_are_named_in_one_error_and_none_is_not_checked(tmp_path):
+    """Every missing file given is named in one UserError; None (not given, or --weights with
+    --enhanced_dir) and existing files pass."""
+    present = tmp_path / "w.pth"
+    present.write_bytes(b"x")
+    check_model_files(present, None, None)
+    check_model_files(None, present, None)
+    with pytest.raises(UserError, match=r"^these files do not exist: --weights a\.pth, --query_weights q\.pth;"):
+        check_model_files("a.pth", present, "q.pth")

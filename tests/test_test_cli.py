@@ -415,7 +415,7 @@ def test_lpips_without_weights_offline(small_input, make_checkpoint, tmp_path):
 def test_default_result_dir_depends_on_input_weights_and_memory(tmp_path):
     """Without --result_dir: log_eval/<input name>/<weights name>[+<memory name>], so the CPU
     model run after the default (or ori-only after ori+mem) never replaces the first results."""
-    from models.options import default_result_dir
+    from utils.report import default_result_dir
 
     eval15 = tmp_path / "LOL.v1" / "eval15"
     eval15.mkdir(parents=True)
@@ -433,7 +433,8 @@ def test_trained_runs_with_the_same_file_names_get_their_own_result_folders(tmp_
     """Two runs' model_best.pth + memory_best.pth (same names, other weights) land in different
     folders, named by a fingerprint of the bytes; the bundled pair keeps the folder the README
     documents."""
-    from models.options import BUNDLED_ENHANCER, BUNDLED_MEMORY, default_result_dir
+    from utils.bundled import BUNDLED_ENHANCER, BUNDLED_MEMORY
+    from utils.report import default_result_dir
 
     eval15 = tmp_path / "eval15"
     eval15.mkdir()

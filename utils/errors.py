@@ -5,7 +5,7 @@ OS faults while writing (`write_error`): a full disk (ENOSPC), a used-up quota (
 file-size limit (EFBIG, `ulimit -f`), a read-only filesystem (EROFS), a missing permission (EACCES,
 EPERM) and a failing disk (EIO). The line names the path, the OS's words and a fix; the fix names
 the flag that chose the folder (`--result_dir`, `--save_dir`, `--output`) when a script registered
-it with `register_output` (models/options.py `writable_dir` does).
+it with `register_output` (`writable_dir` does).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Callable
@@ -108,3 +109,19 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise.
+    Later write faults under `path` name `flag` in their fix (`utils.errors.register_output`)."""
+    path = Path(path)
+    register_output(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):  # unique: safe for DDP ranks
+            pass
+    except OSError as err:
+        if is_write_fault(err):
+            raise write_error(path, err) from None
+        raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
+    return path

@@ -1,7 +1,9 @@
-"""Per-image scores and the result files of an evaluation: metrics.csv, summary.json, result.txt."""
+"""Per-image scores and the result files of an evaluation: metrics.csv, summary.json, result.txt,
+and the folder they go to by default (`default_result_dir`)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from utils.atomic import atomic_write_many
+from utils.bundled import BUNDLED_DIR
 from utils.memory_effect import effect_columns, effect_line, effect_summary
 from utils.metrics import METRIC_CONVENTION, gt_mean_psnr, psnr, ssim
 from utils.stats import RESAMPLES, bootstrap_ci
@@ -137,3 +140,26 @@ def write_report(result_dir: Path, rows: list[dict[str, Any]], columns: list[str
                        (result_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()),
                        (result_dir / "result.txt", (text + "\n").encode())])
     return summary
+
+
+def run_label(path: str | Path) -> str:
+    """A result-folder name for a weights file: the stem of a bundled file (`pre_trained_logs/`,
+    named uniquely), else the stem and a fingerprint of the bytes (`model_best-1a2b3c4d`), so that
+    two trained runs' `model_best.pth` never share a folder. A folder (`--enhanced_dir`) or a
+    missing file: its stem."""
+    path = Path(path)
+    if not path.is_file() or path.resolve().is_relative_to(BUNDLED_DIR):
+        return path.stem
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.stem}-{digest.hexdigest()[:8]}"
+
+
+def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: str | Path | None) -> Path:
+    """log_eval/<input name>/<weights or --enhanced_dir label>[+<memory label>] (`run_label`):
+    runs of other weights or memories on the same input never replace each other's results."""
+    run = run_label(source) + (f"+{run_label(mem_weights)}" if mem_weights else "")
+    given = Path(input_dir).resolve()
+    return Path("log_eval") / (given.stem if given.is_file() else given.name) / run

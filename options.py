@@ -1,23 +1,18 @@
-"""Command-line flags shared by the entry scripts, so one flag means one thing everywhere."""
+"""Command-line flags shared by the entry scripts, so one flag means one thing everywhere (the
+original release keeps its options beside its scripts too)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
-import tempfile
-from pathlib import Path
-from typing import Any
 
 from models.abstention import RULES
 from models.enhancer import ARCH_PRESETS
 from models.inference import BORDER_MARGIN
 from models.query import QUERY_ENCODERS
 from utils import config
-from utils.errors import UserError, is_write_fault, register_output, write_error
+from utils.bundled import BUNDLED_ENHANCER
+from utils.errors import UserError
 
 DEFAULT_VAL_PERCENT = 10.0
-BUNDLED_ENHANCER = "./pre_trained_logs/enhancer/emnet_dim32_lolv1_h200_bf16.pth"  # the default weights
-BUNDLED_MEMORY = "./pre_trained_logs/memory/emnet_dim32_lolv1_levels_memory.pth"  # test_script.sh's memory
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pre_trained_logs"  # the weights the repository ships
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,19 +52,6 @@ def add_trained_model_args(p: argparse.ArgumentParser, mem_help: str) -> None:
     add_memory_args(p)
 
 
-def check_model_files(args: argparse.Namespace, need_weights: bool = True) -> None:
-    """One UserError naming every model file given by the flags that does not exist (--weights
-    unless not `need_weights`, --mem_weights, --query_weights), before any is loaded, so that two
-    wrong paths are fixed in one go."""
-    given = {"--weights": args.weights if need_weights else None, "--mem_weights": args.mem_weights,
-             "--query_weights": getattr(args, "query_weights", None)}
-    missing = [f"{flag} {path}" for flag, path in given.items() if path and not Path(path).is_file()]
-    if missing:
-        raise UserError(f"{'these files do' if len(missing) > 1 else 'this file does'} not exist: "
-                        f"{', '.join(missing)}; pass the paths of .pth checkpoints (the bundled ones are in "
-                        "pre_trained_logs/, see pre_trained_logs/README.md)")
-
-
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run: auto takes CUDA, then Apple MPS, then the CPU")
@@ -81,7 +63,7 @@ MEMORY_ARCH = "emnet_memory"  # the original's --arch_memory: the one memory mod
 def add_memory_build_args(p: argparse.ArgumentParser, shape_from_file: bool = False) -> None:
     """--arch_memory, --mem_size, --K_feat_dim, --V_feat_dim, the original's names for the memory's
     shape. train_memory.py builds a memory of that shape; with `shape_from_file` (test.py) they
-    default to None and, when given, must match the loaded memory (`check_memory_flags`)."""
+    default to None and, when given, must match the loaded memory (`models.loading.check_memory_flags`)."""
     checked = " (checked against --mem_weights)" if shape_from_file else ""
     p.add_argument("--arch_memory", default=MEMORY_ARCH, choices=[MEMORY_ARCH],
                    help="memory module: emnet_memory, the one kind (the original's name)" + checked)
@@ -93,17 +75,6 @@ def add_memory_build_args(p: argparse.ArgumentParser, shape_from_file: bool = Fa
     p.add_argument("--V_feat_dim", type=int, default=None,
                    help="values per colour channel, p * p for --pooling_size p (the original: 1)" + checked +
                         ("" if shape_from_file else "; default: from --pooling_size"))
-
-
-def check_memory_flags(args: argparse.Namespace, mem_size: int, key_dim: int, pooling_size: int,
-                       what: str) -> None:
-    """--mem_size, --K_feat_dim and --V_feat_dim, when given, against the memory `what` describes;
-    a mismatch is a UserError naming both values."""
-    for flag, value, actual in (("--mem_size", args.mem_size, mem_size), ("--K_feat_dim", args.K_feat_dim, key_dim),
-                                ("--V_feat_dim", args.V_feat_dim, pooling_size * pooling_size)):
-        if value is not None and value != actual:
-            raise UserError(f"{flag} {value} does not match {what}, which has {actual}; "
-                            f"pass {flag} {actual} or drop it")
 
 
 def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
@@ -176,85 +147,7 @@ def add_border_arg(p: argparse.ArgumentParser) -> None:
                         "0 = the original code")
 
 
-def check_border_margin(margin: int) -> None:
-    """A negative --border_margin is a UserError (0 is the original code's behaviour)."""
-    if margin < 0:
-        raise UserError(f"--border_margin {margin} must be >= 0 (0 = the original code)")
-
-
 def add_split_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val_percent", type=float, default=DEFAULT_VAL_PERCENT,
                    help="share of training pairs held out for validation when --val_dir is not "
                         "given (a fixed rule on file names: see dataset/pairing.py)")
-
-
-def run_label(path: str | Path) -> str:
-    """A result-folder name for a weights file: the stem of a bundled file (`pre_trained_logs/`,
-    named uniquely), else the stem and a fingerprint of the bytes (`model_best-1a2b3c4d`), so that
-    two trained runs' `model_best.pth` never share a folder. A folder (`--enhanced_dir`) or a
-    missing file: its stem."""
-    path = Path(path)
-    if not path.is_file() or path.resolve().is_relative_to(BUNDLED_DIR):
-        return path.stem
-    digest = hashlib.sha1()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{path.stem}-{digest.hexdigest()[:8]}"
-
-
-def default_result_dir(input_dir: str | Path, source: str | Path, mem_weights: str | Path | None) -> Path:
-    """log_eval/<input name>/<weights or --enhanced_dir label>[+<memory label>] (`run_label`):
-    runs of other weights or memories on the same input never replace each other's results."""
-    run = run_label(source) + (f"+{run_label(mem_weights)}" if mem_weights else "")
-    given = Path(input_dir).resolve()
-    return Path("log_eval") / (given.stem if given.is_file() else given.name) / run
-
-
-def writable_dir(path: str | Path, flag: str) -> Path:
-    """Create `path` if needed and prove it is writable; a UserError naming `flag` otherwise.
-    Later write faults under `path` name `flag` in their fix (`utils.errors.register_output`)."""
-    path = Path(path)
-    register_output(path, flag)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):  # unique: safe for DDP ranks
-            pass
-    except OSError as err:
-        if is_write_fault(err):
-            raise write_error(path, err) from None
-        raise UserError(f"cannot write to {flag} {path} ({err.strerror}); choose a writable folder") from None
-    return path
-
-
-_UNSET = object()
-
-
-def parse_with_given(parser: argparse.ArgumentParser, argv: list[str] | None = None
-                     ) -> tuple[argparse.Namespace, set[str]]:
-    """Parse `argv` (default: the command line); also return the flags (dests) it set, whatever
-    their value, so that --resume can tell "not given" from "given with the default value"."""
-    args = parser.parse_args(argv)
-    probe = argparse.Namespace(**{dest: _UNSET for dest in vars(args)})  # argparse keeps set attributes
-    parser.parse_args(argv, namespace=probe)
-    return args, {dest for dest, value in vars(probe).items() if value is not _UNSET}
-
-
-def resume_flags(args: argparse.Namespace, given: set[str] | None, stored: dict[str, Any],
-                 names: tuple[str, ...]) -> str | None:
-    """On --resume, each flag of `names` not given on this command line takes the value the run
-    stored (`stored`: its options); returns one line naming the flags given with another value
-    (they apply), or None. `given` None (a caller that built `args` itself): nothing is taken."""
-    if given is None:
-        return None
-    changed = []
-    for name in names:
-        if name not in stored:
-            continue
-        if name not in given:
-            setattr(args, name, stored[name])
-        elif getattr(args, name) != stored[name]:
-            changed.append(f"--{name} {stored[name]} -> {getattr(args, name)}")
-    if not changed:
-        return None
-    return "resumed with flags given again with other values than the run's (these apply): " + ", ".join(changed)
