@@ -32,6 +32,7 @@ from tqdm import tqdm
 from dataset.paired_folder import PairedCrops, WithIndex, read_pair
 from dataset.pairing import ImagePair, is_test_set, training_split
 from models.calibration import calibrate_strength
+from models.fast import budget
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.loading import enhancer_fingerprint, load_enhancer, load_memory, memory_payload
 from models.memory import ExternalMemory, MemoryConfig, pooled_value
@@ -265,7 +266,10 @@ def training_entries(args: argparse.Namespace, enhancer: torch.nn.Module, encode
     if args.entries == "images":
         return ImageEntries(image_queries(passes, pairs, encoder, args.query_encoder, device), passes,
                             config.pooling_size), passes
-    return WithIndex(PairedCrops(pairs, args.train_ps)), passes
+    crops = PairedCrops(pairs, args.train_ps)
+    if passes is None:  # before the first forward: validation's budget counts from here, less the crops' pairs
+        budget.measure_baseline(crops.nbytes)
+    return WithIndex(crops), passes
 
 
 def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder: torch.nn.Module,
