@@ -380,10 +380,11 @@ def log_start(log: RunLog, run: Run, model: EMNetEnhancer, plan: SchedulePlan, p
                  "--train_dir")
 
 
-def training_forward(model: EMNetEnhancer, run: Run) -> torch.nn.Module:
+def training_forward(model: EMNetEnhancer, run: Run, held_bytes: int) -> torch.nn.Module:
     """The training forward: the fast path (gradients through its PyTorch ops), in DDP with
-    several processes, compiled with --compile."""
-    budget.measure_baseline()  # before the first step: the heap the steps free is validation's to reuse
+    several processes, compiled with --compile. Validation's memory budget is counted from here,
+    without the `held_bytes` of the decoded training pairs."""
+    budget.measure_baseline(held_bytes)  # before the first step: the heap the steps free is validation's to reuse
     net = FastForward(model)
     device = run.device
     ddp = (DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -414,7 +415,7 @@ class Trainer:
         self.plan, self.spent_before = plan, plan.spent_s  # spent by earlier calls of a budgeted run
         self.batches, self.progress, self.log, self.options = batches, progress, log, options
         self.val_pairs, self.selects = val_pairs, not is_test_set(self.args.val_dir)
-        self.forward = training_forward(model, run)
+        self.forward = training_forward(model, run, batches.held_bytes)
         self.writer = CheckpointWriter()
         self.guard: StepGuard = (DeviceGuard(run.device, run.info, log, optimizer) if batches.on_device
                                  else HostSyncedGuard(run.device, run.info, log))

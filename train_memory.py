@@ -35,6 +35,7 @@ from dataset.pairing import ImagePair, is_test_set, training_split
 from dataset.scene_groups import input_scenes, scene_groups
 from models.abstention import fit_abstention, scene_match
 from models.calibration import calibrate_strength
+from models.fast import budget
 from models.frozen_pass import FrozenPass, cache_key, cache_size, cached_passes, describe_passes
 from models.inference import check_border_margin
 from models.loading import check_memory_flags, enhancer_fingerprint, load_enhancer, load_memory, memory_payload
@@ -276,7 +277,10 @@ def training_entries(args: argparse.Namespace, enhancer: torch.nn.Module, encode
     if args.entries == "images":
         return ImageEntries(image_queries(passes, pairs, encoder, args.query_encoder, device), passes,
                             config.pooling_size), passes
-    return WithIndex(PairedCrops(pairs, args.train_ps)), passes
+    crops = PairedCrops(pairs, args.train_ps)
+    if passes is None:  # before the first forward: validation's budget counts from here, less the crops' pairs
+        budget.measure_baseline(crops.nbytes)
+    return WithIndex(crops), passes
 
 
 def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder: torch.nn.Module,
@@ -316,31 +320,31 @@ class MemoryTrainer:
     def __init__(self, args: argparse.Namespace, memory: ExternalMemory, head: QueryHead | None,
                  optimizer: torch.optim.Optimizer | None, encoder: torch.nn.Module, read: ReadSettings,
                  data: tuple[DataLoader, torch.Generator], val: ValidationSet | None, extra: dict,
-                 models_dir: Path, best: dict, log: RunLog, device: torch.device):
+                 models_dir: Path, best: dict, log: RunLog, device: torch.device, signals: StopSignals):
         self.args, self.memory, self.head, self.optimizer, self.encoder = args, memory, head, optimizer, encoder
         self.read, (self.loader, self.generator), self.val, self.extra = read, data, val, extra
         self.models_dir, self.best, self.log, self.device = models_dir, best, log, device
         self.latest_path = models_dir / "memory_latest.pth"
         self.selects = not is_test_set(args.val_dir)
-        self.signals = StopSignals()  # SIGTERM/SIGINT: save after the batch under way, then exit 143/130
+        self.signals = signals  # SIGTERM/SIGINT in the loop: save after the batch under way, then exit 143/130
         self.position = MidEpoch(load_checkpoint_file(self.latest_path).get("in_epoch") if args.resume else None)
 
     def train(self, epoch: int) -> None:
         """Epochs from `epoch` to --nepoch, or until a stop signal (then exits 143/130)."""
         stopped_at = ""
-        while epoch < self.args.nepoch:
-            counts, done = self.train_epoch(epoch)
-            if self.signals.requested and done < len(self.loader):
-                stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(self.loader)}"
-                self.log.line(f"stopping {stopped_at}: {self.signals.name} received; saving {self.latest_path}")
-                self.save_latest(epoch, in_epoch=self.position.state(done, **counts))
-                break
-            epoch += 1
-            self.end_epoch(epoch, counts)
-            if self.signals.requested:
-                stopped_at = f"after epoch {epoch}"
-                break
-        self.signals.restore()
+        with self.signals.deferred():
+            while epoch < self.args.nepoch:
+                counts, done = self.train_epoch(epoch)
+                if self.signals.requested and done < len(self.loader):
+                    stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(self.loader)}"
+                    self.log.line(f"stopping {stopped_at}: {self.signals.name} received; saving {self.latest_path}")
+                    self.save_latest(epoch, in_epoch=self.position.state(done, **counts))
+                    break
+                epoch += 1
+                self.end_epoch(epoch, counts)
+                if self.signals.requested:
+                    stopped_at = f"after epoch {epoch}"
+                    break
         self.signals.raise_if_stopped(f"stopped by {self.signals.name} {stopped_at}; {self.latest_path} holds "
                                       "this step: --resume continues")
 
@@ -407,6 +411,12 @@ class MemoryTrainer:
 def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     """Train; `given` (from `parse_with_given`) lets --resume take the flags not given again from
     memory_latest.pth (RESUMED_FLAGS)."""
+    with StopSignals(at_once=True) as signals:  # before any work: a signal stops the start-up at once
+        run_training(args, given, signals)
+
+
+def run_training(args: argparse.Namespace, given: set[str] | None, signals: StopSignals) -> None:
+    """`main`'s run, under its stop signals."""
     device, models_dir, changed = open_run(args, given)
     read, auto = read_config(args)
     enhancer, encoder = frozen_query(args, device)
@@ -438,7 +448,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     val = validation_set(args, enhancer, encoder, val_pairs, cache, log, device)
 
     trainer = MemoryTrainer(args, memory, head, optimizer, encoder, read, (loader, generator), val,
-                            checkpoint_extra(args, enhancer, train_pairs, train_passes), models_dir, best, log, device)
+                            checkpoint_extra(args, enhancer, train_pairs, train_passes), models_dir, best, log, device,
+                            signals)
     trainer.train(epoch)
     if auto or args.abstain != "off":
         finish_read(args, memory, head, train_passes, train_pairs, encoder, read, models_dir, val, log, device)

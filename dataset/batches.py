@@ -24,6 +24,7 @@ class BatchSource(Protocol):
 
     on_device: bool  # crops drawn on the training device (no host sync needed to get a batch)
     iters_per_epoch: int
+    held_bytes: int  # host memory the decoded training pairs take
 
     def epoch(self, e: int, skip: int) -> Iterator[Batch]:
         """The batches of epoch `e` from step `skip` on (skip > 0 only when resuming mid-epoch)."""
@@ -44,6 +45,7 @@ class DeviceBatches:
     def __init__(self, crops: DeviceCrops, batch_size: int):
         self.crops, self.batch_size = crops, batch_size
         self.iters_per_epoch = crops.iters_per_epoch(batch_size)
+        self.held_bytes = crops.nbytes if crops.device.type == "cpu" else 0
 
     def epoch(self, e: int, skip: int) -> Iterator[Batch]:
         return (self.crops.sample(self.batch_size) for _ in range(skip, self.iters_per_epoch))
@@ -73,6 +75,7 @@ class LoaderBatches:
                                  num_workers=workers, drop_last=True, pin_memory=pin_memory,
                                  persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
         self.iters_per_epoch = len(self.loader)
+        self.held_bytes = dataset.nbytes
 
     def epoch(self, e: int, skip: int) -> Iterator[Batch]:
         if isinstance(self.sampler, DistributedSampler):

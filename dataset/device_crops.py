@@ -21,7 +21,8 @@ _DRAW_RANGE = 2**62  # offsets are draws in [0, 2**62) modulo the offset count: 
 
 
 def _chw_uint8(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(to_uint8(img).transpose(2, 0, 1)))  # (3, H, W)
+    as_uint8 = img if img.dtype == np.uint8 else to_uint8(img)  # 16-bit and float files rounded
+    return torch.from_numpy(np.ascontiguousarray(as_uint8.transpose(2, 0, 1)))  # (3, H, W)
 
 
 def read_training_pairs(pairs: list[ImagePair], patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,6 +84,11 @@ class DeviceCrops:
 
     def __len__(self) -> int:
         return len(self.height)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the pairs take on `device`."""
+        return self.low.nbytes + self.high.nbytes
 
     def iters_per_epoch(self, batch_size: int) -> int:
         """Batches per epoch of the global `batch_size` (the last partial batch is dropped)."""

@@ -1,6 +1,7 @@
 """Datasets over `ImagePair`s: whole images for evaluation, random crops for training."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,17 @@ from torch.utils.data import Dataset
 from dataset.augment import random_crop, random_dihedral
 from dataset.pairing import ImagePair
 from utils.errors import UserError
-from utils.image_io import decode_stored, read_image
+from utils.image_io import decode_stored, read_image, read_image_compact, to_float
 
 
-def read_pair(pair: ImagePair) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode both images of a pair; different sizes are a UserError naming the two files."""
-    low = read_image(pair.low)
+def read_pair(pair: ImagePair, compact: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode both images of a pair (`compact`: as `read_image_compact`, else float32); different
+    sizes are a UserError naming the two files."""
+    read = read_image_compact if compact else read_image
+    low = read(pair.low)
     if pair.high is None:
         return low, None
-    high = read_image(pair.high)
+    high = read(pair.high)
     if low.shape != high.shape:
         raise UserError(f"{pair.low} is {low.shape[1]}x{low.shape[0]} but {pair.high} is "
                         f"{high.shape[1]}x{high.shape[0]}; the two images of a pair must have one size")
@@ -53,22 +56,22 @@ def check_inputs(pairs: list[ImagePair], enhanced: dict[str, Path] | None = None
         raise UserError(f"{'; '.join(problems)}; replace or remove them (a pair's images must have one size)")
 
 
-def read_training_set(pairs: list[ImagePair], patch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Both images of every training pair. An empty set, a pair without ground truth or an image
-    smaller than the patch is a UserError naming the file."""
+def read_training_set(pairs: list[ImagePair], patch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Both images of every training pair as `read_image_compact` gives them (uint8 for 8-bit
+    files), one pair at a time: a caller that converts them holds one copy of the set, not two.
+    An empty set, a pair without ground truth or an image smaller than the patch is a UserError
+    naming the file."""
     if not pairs:
         raise UserError("the training set is empty; check --train_dir")
-    images = []
     for pair in pairs:
-        low, high = read_pair(pair)
+        low, high = read_pair(pair, compact=True)
         if high is None:
             raise UserError(f"{pair.low} has no ground truth image; training needs low/ and high/")
         h, w = low.shape[:2]
         if h < patch_size or w < patch_size:
             raise UserError(f"{pair.low} is {w}x{h}, smaller than --train_ps {patch_size}; "
                             "use a smaller --train_ps or remove the image")
-        images.append((low, high))
-    return images
+        yield low, high
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:
@@ -94,10 +97,12 @@ class PairedImages(Dataset):
 
 class PairedCrops(Dataset):
     """Training samples: a random `patch_size` crop (every valid offset equally likely) of a pair,
-    then one of the 8 flips/rotations. One sample per pair per epoch, as in the original.
+    then one of the 8 flips/rotations, as float32 in [0, 1] (`read_image`'s values). One sample
+    per pair per epoch, as in the original.
 
-    All pairs are decoded once into RAM (LOL-v1's 485 pairs take about 2.8 GB as float32) so
-    epochs cost no PNG decoding. Images smaller than the patch are a UserError.
+    All pairs are decoded once into RAM as stored (`read_training_set`) so epochs cost no PNG
+    decoding: our485's 395 pairs (600x400) take 0.53 GB as uint8; as float32 they took 2.1 GB,
+    and twice that while being converted. Images smaller than the patch are a UserError.
     """
 
     def __init__(self, pairs: list[ImagePair], patch_size: int):
@@ -105,12 +110,22 @@ class PairedCrops(Dataset):
         self.patch_size = patch_size
         self.images = [tuple(map(_chw, images)) for images in read_training_set(pairs, patch_size)]
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the decoded pairs hold."""
+        return sum(img.nbytes for images in self.images for img in images)
+
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        low, high = random_crop(*self.images[i], self.patch_size)
-        return random_dihedral(low, high)
+        low, high = random_dihedral(*random_crop(*self.images[i], self.patch_size))
+        return _as_float(low), _as_float(high)
+
+
+def _as_float(crop: torch.Tensor) -> torch.Tensor:
+    """A crop of a compactly held image as float32 in [0, 1] (`to_float`, as `read_image`)."""
+    return crop if crop.is_floating_point() else torch.from_numpy(to_float(crop.numpy()))
 
 
 class WithIndex(Dataset):

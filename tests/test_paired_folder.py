@@ -59,21 +59,35 @@ def _all_dihedral_windows(img: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def test_paired_crops_shape_and_alignment(make_pairs):
-    """Crops are (3, ps, ps), one flip/rotation of a window of the image, and the low and high
-    crops are the same window with the same transform (high = 1 - low holds on every crop)."""
+    """Crops are (3, ps, ps), one flip/rotation of a window of the image with read_image's values
+    exactly, and the low and high crops are the same window with the same transform (high = 1 - low
+    holds on every crop)."""
     root = make_pairs(names=("a", "b"), size=(11, 13), high_fn=lambda low: 255 - low)
     ds = PairedCrops(find_pairs(root), 8)
     assert len(ds) == 2
     torch.manual_seed(0)
-    full_low = ds.images[0][0]
+    full_low = torch.from_numpy(read_image(root / "low" / "a.png").transpose(2, 0, 1))
     windows = _all_dihedral_windows(full_low, 8)
     modes_seen = set()
     for _ in range(40):
         low, high = ds[0]
-        assert low.shape == high.shape == (3, 8, 8)
+        assert low.shape == high.shape == (3, 8, 8) and low.dtype == torch.float32
         assert low.is_contiguous() and high.is_contiguous()
         torch.testing.assert_close(high, 1 - low, atol=1e-6, rtol=0)
         matches = [i for i, win in enumerate(windows) if torch.equal(win, low)]
         assert matches, "the crop is not a flip/rotation of a window of the image"
         modes_seen.add(matches[0] % 8)
     assert len(modes_seen) >= 6  # the transforms really vary
+
+
+def test_paired_crops_hold_8_bit_files_as_bytes_and_16_bit_files_whole(make_pairs, tmp_path):
+    """The decoded pairs stay in memory for the whole run: an 8-bit pair takes one byte per value
+    (a quarter of float32); a 16-bit pair keeps its precision (crops of read_image's values)."""
+    root = make_pairs(names=("a", "b"), size=(11, 13))
+    assert PairedCrops(find_pairs(root), 8).nbytes == 2 * 2 * 3 * 11 * 13
+    deep = np.random.default_rng(3).integers(0, 65536, (9, 10, 3), dtype=np.uint16)
+    for side in ("low", "high"):
+        write_png(tmp_path / "deep" / side / "d.png", deep)
+    low, _ = PairedCrops(find_pairs(tmp_path / "deep"), 9)[0]
+    full = torch.from_numpy(read_image(tmp_path / "deep" / "low" / "d.png").transpose(2, 0, 1))
+    assert any(torch.equal(win, low) for win in _all_dihedral_windows(full, 9))

@@ -210,6 +210,38 @@ def test_memory_signal_mid_epoch_and_resume_match_a_straight_run(tmp_path, monke
     assert len(epoch_lines("A")) == 3 and epoch_lines("A") == epoch_lines("B")
 
 
+SLOW_PASSES = """
+import signal, time
+import models.frozen_pass as frozen_pass
+_frozen_pass = frozen_pass.frozen_pass
+def _slow_pass(*args, **kwargs):
+    time.sleep(2)
+    return _frozen_pass(*args, **kwargs)
+frozen_pass.frozen_pass = _slow_pass
+"""
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigint_during_memory_start_up_validation_stops_at_once(tmp_path, weights, sigint):
+    """SIGINT while train_memory.py computes the validation pairs' enhancer passes (each made to
+    take 2 s, 20 pairs), also in a run started with SIGINT ignored (as a script's `cmd &` starts
+    it): exit 130 with the one stop line, no memory file and no temporary file."""
+    train = noisy_pairs(tmp_path / "train", ["a", "b"], size=(32, 40))
+    val = noisy_pairs(tmp_path / "val", [f"v{i}" for i in range(20)], size=(32, 40), seed=1)
+    cache, models = tmp_path / "cache", tmp_path / "runs" / "start" / "models"
+    prelude = SLOW_PASSES + ("signal.signal(signal.SIGINT, signal.SIG_IGN)" if sigint == "ignored" else "")
+    proc = start_script("train_memory.py", *memory_args(tmp_path, weights, train, "start", "--val_dir", val,
+                                                         "--cache_dir", cache), prelude=prelude)
+    with reaped(proc):
+        wait_until(lambda: any(cache.rglob("*.pt")), proc)  # the validation passes are under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("stopped by SIGINT"), err
+    assert not list(models.glob("*.pth")) and temporary_files(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- SIGTERM in the other scripts
 
 SLOW_FSYNC = """

@@ -17,6 +17,7 @@ import yaml
 from train_runs import (
     FAST,
     ONE_THREAD,
+    linked_pairs,
     load,
     losses_from_log,
     make_structured_pairs,
@@ -24,10 +25,11 @@ from train_runs import (
     run_train,
     train_cmd,
     train_in_process,
+    validation_budget,
 )
 
 import train_enhancer
-from conftest import assert_ran, run_script, stderr_lines
+from conftest import assert_ran, run_script, stderr_lines, write_png
 from dataset.pairing import find_pairs, is_validation_pair
 from models.loading import ENHANCER_FORMAT, load_enhancer
 from utils.errors import UserError
@@ -285,6 +287,28 @@ def test_validation_of_a_600x400_image_runs_whole_under_the_default_budget(tmp_p
     assert made[0].calls == 1
     assert [shape for shape, _ in plans] == [(416, 616)]  # the validation image, margin and pad included
     assert plans[0][1] is None, f"validation ran in strips: {plans}"
+
+
+def test_a_large_held_training_set_leaves_validation_its_budget(tmp_path, weights):
+    """The decoded training set stays in memory for the whole run. 32 pairs of 1600x1200 (0.37 GB
+    as stored, 8 bits: our485's 395 pairs take 0.53 GB) must not shrink validation's memory budget
+    below a 2-pair run's by a quarter of their size, in either trainer: our485 left validation 0.0 GB
+    of the default 4 GB (held as float32, 2.1 GB, and copied once more while decoding)."""
+    low = write_png(tmp_path / "scene_low.png", np.full((1200, 1600, 3), 40, np.uint8))
+    high = write_png(tmp_path / "scene_high.png", np.full((1200, 1600, 3), 160, np.uint8))
+    small = linked_pairs(tmp_path / "small", [f"s{i}" for i in range(2)], low, high)
+    large = linked_pairs(tmp_path / "large", [f"b{i}" for i in range(32)], low, high)
+    val = make_structured_pairs(tmp_path / "val", ["v1"], size=(48, 64))
+    held = 32 * 2 * 1200 * 1600 * 3
+    enhancer = [*FAST, "--train_ps", 32, "--batch_size", 2, "--max_iters", 1]
+    memory = ["--pretrain_weights", weights, "--entries", "crops", "--query_encoder", "enhancer_levels",
+              "--mem_size", 16, "--batch_size", 2, "--train_ps", 24, "--nepoch", 1, "--device", "cpu"]
+    for script, flags in (("train_enhancer.py", enhancer), ("train_memory.py", memory)):
+        budgets = [validation_budget(script, *flags, "--train_dir", train, "--val_dir", val, "--max_memory", 64,
+                                     "--save_dir", tmp_path / f"{script}_{train.name}")  # own cache of passes
+                   for train in (small, large)]
+        assert budgets[1] > budgets[0] - held / 4, \
+            f"{script}: the {held / 2**30:.2f} GB training set took {(budgets[0] - budgets[1]) / 2**30:.2f} GB"
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """Helpers for the tests that run train_enhancer.py (test_train_enhancer_cli, _resume,
 test_step_guard, test_schedule, test_atomic, test_signals, test_original_step): the smallest
 network's flags, the run itself (a subprocess or train_enhancer.main), learnable synthetic pairs,
-reading its log and checkpoints, and a loss that turns NaN on chosen calls."""
+reading its log and checkpoints, a loss that turns NaN on chosen calls, and the memory budget a
+trainer's validation gets."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 import train_enhancer
-from conftest import run_script, script_env, write_png
+from conftest import assert_ran, run_script, script_env, write_png
 
 FAST = ["--arch", "emnet_tiny", "--embed_dim", "8", "--train_workers", "0", "--lpips_lambda", "0",
         "--l1_lambda", "1", "--device", "cpu"]
@@ -20,6 +22,19 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 LOSS_LINE = re.compile(r"epoch (\d+) iter (\d+)/(\d+) loss (\S+)")
 TINY = ("--val_percent", 0, "--train_ps", 8, "--batch_size", 2, "--ssim_lambda", 0, "--log_every", 1,
         "--data_on_device", "on")  # 8x8 crops: small enough for the L1-only loss, not for SSIM
+
+
+# A test-only patch: print the memory budget of every inference forward (validation's).
+REPORT_BUDGET = """
+import sys
+from models.fast import budget
+_budget_bytes = budget.budget_bytes
+def _reported(device):
+    found = _budget_bytes(device)
+    print(f"validation budget {found:.0f}", file=sys.stderr)
+    return found
+budget.budget_bytes = _reported
+"""
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -36,6 +51,23 @@ def run_train(train_dir: Path, save_dir: Path, env_name: str, *extra, timeout: f
               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return run_script(*train_cmd(train_dir, save_dir, env_name, *extra), timeout=timeout,
                       env_extra={**ONE_THREAD, **(env_extra or {})})
+
+
+def validation_budget(script: str, *args) -> float:
+    """The memory budget of the first validation forward of `python SCRIPT ARGS` (bytes)."""
+    argv = [script, *map(str, args)]
+    code = f"import runpy, sys; sys.argv = {argv!r}\n{REPORT_BUDGET}\nrunpy.run_path({script!r}, run_name='__main__')"
+    err = assert_ran(run_script("-c", code, timeout=180, env_extra=ONE_THREAD)).stderr
+    return float(re.search(r"validation budget (\d+)", err).group(1))
+
+
+def linked_pairs(root: Path, names, low: Path, high: Path) -> Path:
+    """Pairs whose files are hard links to one low and one high image: a large set in no time."""
+    for name in names:
+        for side, image in (("low", low), ("high", high)):
+            (root / side).mkdir(parents=True, exist_ok=True)
+            os.link(image, root / side / f"{name}.png")
+    return root
 
 
 def load(path: Path) -> dict:

@@ -1,7 +1,8 @@
 """The one image loader and writer of the project.
 
 Images are float32 RGB arrays (H, W, 3) in [0, 1]: grayscale becomes 3 channels, alpha is
-dropped, 8- and 16-bit files are scaled by their own maximum.
+dropped, 8- and 16-bit files are scaled by their own maximum (`read_image_compact` keeps 8-bit
+files as uint8 until `to_float`).
 """
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ def decode_stored(path: str | Path) -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as float32 RGB in [0, 1], shape (H, W, 3)."""
+    return to_float(read_image_compact(path))
+
+
+def read_image_compact(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB (H, W, 3): uint8 as stored for 8-bit files, a quarter of the
+    float32 array (the trainers hold their training sets so), float32 in [0, 1] for the others.
+    `to_float` turns it into `read_image`'s array."""
     img = decode_stored(path)
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
-    elif img.dtype == np.uint16:
-        img = img.astype(np.float32) / 65535.0
-    else:
-        img = np.clip(img.astype(np.float32), 0.0, 1.0)
+    if img.dtype != np.uint8:
+        img = to_float(img)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.shape[2] == 1:
@@ -48,6 +52,16 @@ def read_image(path: str | Path) -> np.ndarray:
     elif img.shape[2] == 4:
         img = img[:, :, :3]
     return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
+
+
+def to_float(img: np.ndarray) -> np.ndarray:
+    """An image array as float32 in [0, 1]: 8- and 16-bit values scaled by their maximum,
+    floats clipped."""
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    return np.clip(img.astype(np.float32, copy=False), 0.0, 1.0)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -5,12 +5,16 @@ the code under way unwinds as for Ctrl-C, so nothing half-written is left; exit 
 SIGINT). The trainers catch both signals for their loop with `StopSignals`: the first only sets
 a flag, the loop ends after the step under way, writes the checkpoint of that step and then
 raises `Stopped`; a second signal stops at once (`os._exit`), leaving the previous checkpoint as it was and removing
-the temporary file of a save under way.
+the temporary file of a save under way. train_memory.py installs it before any work, stopping at
+once (`Stopped`) until its loop: its start-up takes minutes (the enhancer passes) and may run
+with SIGINT ignored, as a script's `cmd &` starts it.
 """
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 import torch
@@ -30,13 +34,24 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 class StopSignals:
-    """Holds SIGTERM/SIGINT while it is installed: the first sets `signum`, the second exits."""
+    """Holds SIGTERM/SIGINT while it is installed (as a context manager: until the block ends). The
+    first signal sets `signum`, the second exits; with `at_once`, outside `deferred()`, a signal
+    raises `Stopped` where the code is (a start-up with nothing to save yet)."""
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.signum: int | None = None
+        self.at_once = at_once
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
+    def __enter__(self) -> StopSignals:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.at_once:
+            raise Stopped(signum)
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
@@ -46,6 +61,16 @@ class StopSignals:
         os.write(2, f"\n{name} again: stopped at once; the previous checkpoint is kept\n".encode())
         remove_temporary_files()
         os._exit(128 + signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block (a training loop), the first signal only sets `signum`: the loop saves
+        its step, then stops."""
+        at_once, self.at_once = self.at_once, False
+        try:
+            yield
+        finally:
+            self.at_once = at_once
 
     @property
     def requested(self) -> bool:

@@ -11,8 +11,8 @@ When even the held maps exceed the budget, they are spilled to disk (`spill.py`)
 strip and the 3-channel maps (input, output) stay in memory, RESIDENT_BYTES per pixel.
 The budget is `--max_memory` GB, else the environment's (`utils.config.max_memory_gb`), else on the CPU
 min(4 GB, half the memory available), on CUDA 80 % of the free device memory. On the CPU it bounds
-the whole process: what the process held before its first forward (PyTorch, the weights: ~0.8 GB)
-is taken off it.
+the whole process but a trainer's decoded training set: what the process held before its first
+forward (PyTorch, the weights: ~0.8 GB) is taken off it.
 """
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ RESIDENT_BYTES = 64  # per pixel (not per channel): input, output and their copi
 MIN_STRIP, MAX_STRIP = 2 ** 17, 2 ** 18
 CPU_DEFAULT_GB = 4.0
 
-def measure_baseline() -> None:
-    """Take what this process holds now as the part the budget does not cover. The trainers call
-    it before their first step: the heap those steps free and keep (GLIBC_TUNABLES/mallopt: never
-    trimmed) is reused by the validation forwards, and counting it left them no budget at all."""
-    config.set_baseline_bytes(_resident_bytes())
+def measure_baseline(held: int = 0) -> None:
+    """Take what this process holds now as spent before its forwards (their budget is what the total
+    leaves), but for `held` bytes kept for the whole run: a trainer's decoded training set, which
+    must not shrink validation's budget. The trainers call it before their first step: the heap
+    those steps free and keep (GLIBC_TUNABLES/mallopt: never trimmed) is reused by the validation
+    forwards, and counting it left them no budget at all."""
+    config.set_baseline_bytes(max(_resident_bytes() - held, 0))
 
 
 def _available_bytes() -> int | None:
