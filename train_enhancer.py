@@ -262,11 +262,19 @@ class Run:
 
 @dataclass
 class Progress:
-    """Where the run stands, saved in every checkpoint and restored by --resume."""
+    """Where the run stands, saved in every checkpoint and restored by --resume: `epoch` counts the
+    epochs completed, `iteration` the steps taken."""
 
     epoch: int = 0
     iteration: int = 0
     best: dict[str, float] = field(default_factory=lambda: {"psnr": -math.inf, "epoch": -1})
+
+
+def epoch_number(step: int, per_epoch: int) -> int:
+    """The epoch that step `step` (counted from 1) falls in, counted from 1: the one number an
+    epoch has in the progress bar, the log, results/ and model_epoch_N.pth (whose N equals the
+    epochs completed, stored as `epoch`). Before the first step: epoch 1."""
+    return max(1, -(-step // per_epoch))
 
 
 def open_run(args: argparse.Namespace, given: set[str] | None, call_start: float) -> tuple[Run, str | None]:
@@ -360,7 +368,8 @@ def log_start(log: RunLog, run: Run, model: EMNetEnhancer, plan: SchedulePlan, p
               pairs: tuple[list, list], batches: BatchSource, changed: str | None) -> None:
     """The run's first log lines: what trains where, from where, for how long."""
     args, (train_pairs, val_pairs) = run.args, pairs
-    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {progress.epoch} iteration {progress.iteration}: "
+    next_epoch = epoch_number(progress.iteration + 1, batches.iters_per_epoch)
+    log.line(f"{'resuming' if args.resume else 'starting'} at epoch {next_epoch} iteration {progress.iteration}: "
              f"{describe_config(model.config)}, {sum(p.numel() for p in model.parameters()):,} params, "
              f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {batches.iters_per_epoch} it/epoch, "
              f"{run.info.world_size} process(es) on {run.device}, crops drawn "
@@ -424,6 +433,10 @@ class Trainer:
         self.tic, self.done_here = 0.0, 0
         self.signals = StopSignals()  # SIGTERM/SIGINT: save this step's checkpoint, then exit 143/130
 
+    def epoch_of(self, step: int) -> int:
+        """The number of the epoch that step `step` falls in (`epoch_number`)."""
+        return epoch_number(step, self.batches.iters_per_epoch)
+
     def nothing_to_train(self) -> bool:
         if self.progress.iteration < self.last_iter:
             return False
@@ -439,7 +452,7 @@ class Trainer:
         self.model.train()
         self.tic, self.done_here = time.perf_counter(), 0
         self.timer.start_epoch()
-        return tqdm(batches, desc=f"epoch {p.epoch}", leave=False, total=per_epoch - skip,
+        return tqdm(batches, desc=f"epoch {self.epoch_of(p.iteration + 1)}", leave=False, total=per_epoch - skip,
                     disable=not self.run.info.is_main)
 
     def step(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -505,7 +518,7 @@ class Trainer:
                                      **{f"train/{k}": float(v) for k, v in terms.items()}})
         rate = self.done_here / (time.perf_counter() - self.tic)
         shown = self.last_iter if self.last_iter < math.inf else "?"
-        self.log.line(f"epoch {self.progress.epoch} iter {iteration}/{shown} loss {loss_value:.4f} "
+        self.log.line(f"epoch {self.epoch_of(iteration)} iter {iteration}/{shown} loss {loss_value:.4f} "
                       + " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
                       + f" lr {lr:.2e} {rate:.2f} it/s")
 
@@ -532,9 +545,10 @@ class Trainer:
         if self.signals.requested:  # validate only where an uninterrupted run would: save first
             due = (epoch_complete and p.epoch % args.val_time == 0) or finished
         if self.val_pairs and due:
-            means = validate(self.model, self.val_pairs, run.device, args, run.env_dir, p.epoch, self.log, p.iteration)
+            epoch = self.epoch_of(p.iteration)
+            means = validate(self.model, self.val_pairs, run.device, args, run.env_dir, epoch, self.log, p.iteration)
             if self.selects and means["psnr"] > p.best["psnr"]:
-                p.best = {"psnr": means["psnr"], "epoch": p.epoch}
+                p.best = {"psnr": means["psnr"], "epoch": epoch}
                 files.append((run.models_dir / "model_best.pth", payload(self.model, args, p)))
         self.plan = dataclasses.replace(self.plan, spent_s=run.seconds_spent(self.spent_before))
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -554,13 +568,13 @@ class Trainer:
     def finish(self) -> None:
         """The last log line; a stop by a signal ends in its exit status."""
         p, run = self.progress, self.run
+        at = f"at epoch {self.epoch_of(p.iteration)} iteration {p.iteration}"
         best_text = (f"best val PSNR {p.best['psnr']:.3f} (epoch {p.best['epoch']})" if self.val_pairs and self.selects
                      else "no checkpoint selected")
-        self.log.line(f"finished at epoch {p.epoch} iteration {p.iteration}; {best_text}; checkpoints in "
-                      f"{run.models_dir}")
+        self.log.line(f"finished {at}; {best_text}; checkpoints in {run.models_dir}")
         self.log.close()
         cleanup(run.info)
-        self.signals.raise_if_stopped(f"stopped by {self.signals.name} at epoch {p.epoch} iteration {p.iteration}; "
+        self.signals.raise_if_stopped(f"stopped by {self.signals.name} {at}; "
                                       f"{run.latest_path} holds this step: --resume continues")
 
 

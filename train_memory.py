@@ -349,9 +349,10 @@ class MemoryTrainer:
                                       "this step: --resume continues")
 
     def train_epoch(self, epoch: int) -> tuple[dict, int]:
-        """One pass over the loader (the rest of a resumed epoch); its counts and batches done."""
+        """Epoch `epoch + 1` (epochs are numbered from 1, `epoch` counts those completed): one pass
+        over the loader (the rest of a resumed epoch); its counts and batches done."""
         counts, done = self.position.start_epoch(self.generator), 0
-        for done, batch in enumerate(tqdm(self.loader, desc=f"epoch {epoch}", leave=False), start=1):
+        for done, batch in enumerate(tqdm(self.loader, desc=f"epoch {epoch + 1}", leave=False), start=1):
             if self.position.used_before(done):  # a resumed epoch: batches trained on before the stop
                 continue
             self.update(batch, counts)
@@ -440,7 +441,7 @@ def run_training(args: argparse.Namespace, given: set[str] | None, signals: Stop
         epoch, best = restore_run(models_dir / "memory_latest.pth", memory, head, optimizer, generator,
                                   args.query_encoder, enhancer_fingerprint(enhancer), args.weights)
     write_options(args, models_dir.parent, config, read, auto, enhancer, train_pairs, val_pairs, device)
-    log.line(f"{'resuming at' if args.resume else 'starting'} epoch {epoch}: memory {config.mem_size} x "
+    log.line(f"{'resuming' if args.resume else 'starting'} at epoch {epoch + 1}: memory {config.mem_size} x "
              f"{config.key_dim} ({args.query_encoder} query{', learned head' if head else ''}, {args.entries} "
              f"entries), p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
     if changed:

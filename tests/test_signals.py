@@ -72,7 +72,7 @@ def test_signal_mid_epoch_saves_the_step_and_resume_matches_a_straight_run(tmp_p
             train_here(train, tmp_path, "B", *flags)
         monkeypatch.undo()
         assert stop.value.exit_code == 128 + signum
-        assert f"stopped by {signal.Signals(signum).name} at epoch 1 iteration 3" in str(stop.value)
+        assert f"stopped by {signal.Signals(signum).name} at epoch 2 iteration 3" in str(stop.value)
         assert signal.getsignal(signum) == handler, "the trainer left its signal handler installed"
         part = load(tmp_path / "B" / "models" / "model_latest.pth")
         assert (part["epoch"], part["iteration"]) == (1, 3)
@@ -120,7 +120,8 @@ def test_signal_to_a_training_process_saves_within_30_s_and_resume_finishes(tmp_
                                                       ckpt["iteration"] + 2)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"resuming at epoch {ckpt['epoch']} iteration {ckpt['iteration']}" in log.read_text()
+    next_epoch = ckpt["iteration"] // 3 + 1  # 3 iterations per epoch (6 pairs, batch 2)
+    assert f"resuming at epoch {next_epoch} iteration {ckpt['iteration']}" in log.read_text()
     assert load(save / "sig" / "models" / "model_latest.pth")["iteration"] == ckpt["iteration"] + 2
 
 

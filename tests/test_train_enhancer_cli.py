@@ -16,6 +16,7 @@ import torch
 import yaml
 from train_runs import (
     FAST,
+    LOSS_LINE,
     ONE_THREAD,
     linked_pairs,
     load,
@@ -63,9 +64,9 @@ def test_smoke_run_writes_outputs_and_test_py_reads_them(make_pairs, tmp_path):
     assert opts["model"]["embed_dim"] == 8
 
     log = (env_dir / "train.log").read_text()
-    assert "starting epoch 0 iteration 0" in log
+    assert "starting at epoch 1 iteration 0" in log
     assert [it for it, _ in losses_from_log(env_dir / "train.log")] == [1, 2, 3]
-    assert "finished at epoch 1 iteration 3" in log
+    assert "finished at epoch 2 iteration 3" in log
     events = list((env_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
@@ -255,7 +256,26 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert opts["world_size"] == 2 and opts["iters_per_epoch"] == 2
     log = (save / "ddp" / "train.log").read_text()
     assert "2 process(es) on cpu" in log
-    assert log.count("starting epoch 0") == 1, "only rank 0 writes the log"
+    assert log.count("starting at epoch 1") == 1, "only rank 0 writes the log"
+
+
+def test_epochs_are_numbered_from_1_alike_in_the_progress_bar_the_log_and_the_checkpoints(tmp_path):
+    """4 pairs at batch 2 (2 iterations an epoch), stopped by --max_iters 3 in the second epoch:
+    the progress bar, the loss lines, the validation lines, the last line and model_epoch_N.pth
+    all call the epochs 1 and 2 (the bar counted 0 and 1, validation 1 and 2)."""
+    train = make_structured_pairs(tmp_path / "train", ["e1", "e2", "e3", "e4"], size=(40, 40))
+    val = make_structured_pairs(tmp_path / "val", ["v1"], size=(40, 40))
+    proc = assert_ran(run_train(train, tmp_path / "runs", "epochs", "--val_dir", val, "--nepoch", 3, "--max_iters", 3,
+                                "--train_ps", 32, "--batch_size", 2, "--log_every", 1, "--checkpoint", 1))
+    log_path = tmp_path / "runs" / "epochs" / "train.log"
+    log = log_path.read_text()
+    assert sorted({int(e) for e in re.findall(r"epoch (\d+):\s+\d+%", proc.stderr)}) == [1, 2]
+    assert [(int(e), int(i)) for e, i, *_ in LOSS_LINE.findall(log)] == [(1, 1), (1, 2), (2, 3)]
+    assert re.findall(r"epoch (\d+) iter (\d+): val PSNR", log) == [("1", "2"), ("2", "3")]
+    assert "starting at epoch 1 iteration 0" in log and "finished at epoch 2 iteration 3" in log
+    models = tmp_path / "runs" / "epochs" / "models"
+    assert sorted(f.name for f in models.glob("model_epoch_*.pth")) == ["model_epoch_1.pth"]
+    assert load(models / "model_latest.pth")["epoch"] == 1  # the epochs completed, as --resume reads it
 
 
 # ----------------------------------------------------------------------------- validation, compile

@@ -72,7 +72,7 @@ def test_resume_at_an_epoch_boundary_is_exact(resume_data, tmp_path):
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
     log_b = (save / "B" / "train.log").read_text()
-    assert "resuming at epoch 1 iteration 2" in log_b
+    assert "resuming at epoch 2 iteration 2" in log_b
     # The loss lines after the resume are the straight run's, iteration for iteration.
     la, lb = losses_from_log(save / "A" / "train.log"), losses_from_log(save / "B" / "train.log")
     assert la == lb
@@ -85,7 +85,7 @@ def test_resume_mid_epoch_matches_straight_run(resume_data, tmp_path):
     save = tmp_path / "runs"
     a, part, b = straight_and_resumed(train, val, save, 3)
     assert (part["epoch"], part["iteration"]) == (1, 3)
-    assert "resuming at epoch 1 iteration 3" in (save / "B" / "train.log").read_text()
+    assert "resuming at epoch 2 iteration 3" in (save / "B" / "train.log").read_text()
     assert (b["epoch"], b["iteration"]) == (2, 4)
     assert losses_from_log(save / "A" / "train.log") == losses_from_log(save / "B" / "train.log")
     assert_same_state(a["state_dict"], b["state_dict"], "weights")
@@ -199,7 +199,7 @@ def test_kill_9_then_resume_finishes(tmp_path):
     assert final["iteration"] == nepoch * opts["iters_per_epoch"] == nepoch
     assert final["epoch"] == nepoch
     log = (save / "kill" / "train.log").read_text()
-    assert f"resuming at epoch {ckpt['epoch']} iteration {ckpt['iteration']}" in log
+    assert f"resuming at epoch {ckpt['epoch'] + 1} iteration {ckpt['iteration']}" in log
     assert f"finished at epoch {nepoch} iteration {nepoch}" in log
 
 

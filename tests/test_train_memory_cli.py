@@ -125,6 +125,17 @@ def test_train_memory_outputs(setup, trained, name):
         assert ckpt["head_state_dict"] is None
 
 
+def test_progress_bar_and_log_number_the_epochs_alike(setup, trained):
+    """The 2-epoch run's progress bar and its log lines both call the epochs 1 and 2 (the bar
+    counted 0 and 1)."""
+    proc = assert_ran(trained["plain"])
+    log = (setup["save"] / "plain" / "train.log").read_text()
+    assert sorted({int(e) for e in re.findall(r"epoch (\d+):\s+\d+%", proc.stderr)}) == [1, 2]
+    assert re.findall(r"epoch (\d+): \d+/\d+ queries matched", log) == ["1", "2"]
+    assert re.findall(r"epoch (\d+): val ori PSNR", log) == ["1", "2"]
+    assert "starting at epoch 1:" in log
+
+
 @pytest.mark.parametrize("name", list(RUN_FLAGS))
 def test_test_py_with_trained_memory(setup, trained, tested, name):
     """test.py --mem_weights memory_best.pth: ori/ and mem/ PNGs at the input sizes; metrics.csv
@@ -165,7 +176,7 @@ def test_mem_image_is_the_refiner_output(setup, tested):
 
 
 def test_resume_continues_exactly(setup, trained):
-    """--resume --nepoch 3 after the finished 2-epoch --learn_query run logs 'resuming at epoch 2',
+    """--resume --nepoch 3 after the finished 2-epoch --learn_query run logs 'resuming at epoch 3',
     ends at epoch 3, and gives the same memory and head as an uninterrupted 3-epoch run."""
     assert_ran(trained["learned"])
     shutil.copytree(setup["save"] / "learned", setup["save"] / "resumed")
@@ -173,7 +184,7 @@ def test_resume_continues_exactly(setup, trained):
     proc = run_py("train_memory.py", *train_args(setup, "resumed", *flags, "--resume"))
     assert_ran(proc)
     log = (setup["save"] / "resumed" / "train.log").read_text()
-    assert "resuming at epoch 2" in log and "epoch 3: val ori PSNR" in log
+    assert "resuming at epoch 3" in log and "epoch 3: val ori PSNR" in log
     assert "epoch 4" not in log
     fresh = run_py("train_memory.py", *train_args(setup, "fresh3", *flags))
     assert_ran(fresh)
