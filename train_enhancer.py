@@ -22,13 +22,12 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
@@ -51,7 +50,7 @@ from options import (
     set_memory_budget,
 )
 from utils.allocator import tune_allocator
-from utils.checkpoint import CheckpointWriter, cpu_copy, load_checkpoint_file, remove_stale_temp_files
+from utils.checkpoint import cpu_copy, load_checkpoint_file
 from utils.device import resolve_device
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli, writable_dir
@@ -59,6 +58,7 @@ from utils.image_io import image_to_tensor
 from utils.losses import EnhancementLoss
 from utils.report import mean_scores
 from utils.resume import parse_with_given, resume_flags
+from utils.run_files import Checkpoint, RunFiles
 from utils.run_log import RunLog
 from utils.schedule import SchedulePlan, build_schedule, fix_budget, last_iteration, schedule_plan
 from utils.seed import capture_rng_state, restore_rng_state, seed_everything
@@ -192,12 +192,11 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if args.amp == "bf16" else torch.float16
 
 
-def payload(model: EMNetEnhancer, args: argparse.Namespace, progress: Progress,
-            training_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """This run's checkpoint (`enhancer_payload`); `training_state` (optimizer, scheduler, RNG)
-    only in model_latest."""
+def payload(model: EMNetEnhancer, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """What every checkpoint of this run holds (`enhancer_payload`): the weights, where training
+    stands and the flags."""
     return enhancer_payload(model, args.arch, progress.epoch, progress.iteration, progress.best["psnr"],
-                            progress.best["epoch"], vars(args), training_state)
+                            progress.best["epoch"], vars(args))
 
 
 def epoch_overhead_seconds(model: EMNetEnhancer, optimizer: torch.optim.Optimizer, val_pairs,
@@ -244,16 +243,11 @@ class Run:
     args: argparse.Namespace
     device: torch.device
     info: DistInfo
-    env_dir: Path
-    models_dir: Path
+    files: RunFiles  # SAVE_DIR/ENV: options.yml, train.log, the checkpoints
     ckpt: dict[str, Any] | None  # model_latest.pth with --resume
     call_start: float  # --stop_after_minutes and --time_budget count from here
     amp_dtype: torch.dtype | None  # the forward's autocast (--amp)
     on_device: bool  # training crops drawn on the device (--data_on_device)
-
-    @property
-    def latest_path(self) -> Path:
-        return self.models_dir / "model_latest.pth"
 
     def seconds_spent(self, before: float) -> float:
         """Seconds of the whole run: `before` (earlier calls of a budgeted run) and this call's."""
@@ -290,17 +284,12 @@ def open_run(args: argparse.Namespace, given: set[str] | None, call_start: float
     set_memory_budget(args.max_memory)
     amp_dtype = autocast_dtype(args, device)
     on_device = args.data_on_device == "on" or (args.data_on_device == "auto" and device.type == "cuda")
-    env_dir = Path(args.save_dir) / args.env
-    run = Run(args, device, info, env_dir, writable_dir(env_dir / "models", "--save_dir"), None, call_start,
+    run = Run(args, device, info, RunFiles(args.save_dir, args.env, "model", info.is_main), None, call_start,
               amp_dtype, on_device)
-    if info.is_main:
-        remove_stale_temp_files(run.models_dir)
-    if args.resume and not run.latest_path.is_file():
-        raise UserError(f"--resume: nothing to resume, {run.latest_path} does not exist; "
-                        "drop --resume or check --save_dir/--env")
     if not args.resume:
         return run, None
-    run.ckpt = load_checkpoint_file(run.latest_path)
+    run.files.require_latest()
+    run.ckpt = load_checkpoint_file(run.files.latest)
     return run, resume_flags(args, given, run.ckpt.get("options", {}), RESUMED_FLAGS)
 
 
@@ -344,10 +333,10 @@ def resume(run: Run, model: EMNetEnhancer, optimizer: torch.optim.Optimizer, sch
     if ckpt is None:
         return Progress()
     if ckpt.get("config") != model.config.to_dict():
-        raise UserError(f"--resume: {run.latest_path} was trained as "
+        raise UserError(f"--resume: {run.files.latest} was trained as "
                         f"{describe_config(EnhancerConfig.from_dict(ckpt['config']))}; "
                         "resume with the same --arch/--embed_dim")
-    check_state_dict(model, ckpt["state_dict"], run.latest_path)
+    check_state_dict(model, ckpt["state_dict"], run.files.latest)
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -357,11 +346,6 @@ def resume(run: Run, model: EMNetEnhancer, optimizer: torch.optim.Optimizer, sch
         seed_everything(args.seed + run.info.rank + ckpt["iteration"])
     batches.load_state_dict(ckpt)
     return Progress(ckpt["epoch"], ckpt["iteration"], {"psnr": ckpt["best_psnr"], "epoch": ckpt["best_epoch"]})
-
-
-def write_options(run: Run, options: dict[str, Any]) -> None:
-    if run.info.is_main:
-        (run.env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
 
 
 def log_start(log: RunLog, run: Run, model: EMNetEnhancer, plan: SchedulePlan, progress: Progress,
@@ -384,9 +368,7 @@ def log_start(log: RunLog, run: Run, model: EMNetEnhancer, plan: SchedulePlan, p
     if not val_pairs:
         log.line("no validation pairs: model_best.pth will not be written (pass --val_dir or raise --val_percent)")
     if val_pairs and is_test_set(args.val_dir):
-        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
-                 "selects a checkpoint (no model_best.pth); drop --val_dir to select on pairs held out of "
-                 "--train_dir")
+        log.line(run.files.test_set_line(args.val_dir))
 
 
 def training_forward(model: EMNetEnhancer, run: Run, held_bytes: int) -> torch.nn.Module:
@@ -412,24 +394,132 @@ def run_options(run: Run, model: EMNetEnhancer, plan: SchedulePlan, pairs: tuple
             "torch": str(torch.__version__)}
 
 
-class Trainer:
-    """The steps of one call: `step` trains on a batch; `after_step` fixes a budgeted run's
-    length, logs and says whether to stop; `end_epoch` validates and writes the checkpoints."""
+class Optimisation:
+    """One optimisation step and the state it changes: the training forward (`training_forward`),
+    the loss, Adam(W), the lr schedule, the fp16 loss scaler, and the guard that skips the update
+    of a step whose loss is not finite."""
 
     def __init__(self, run: Run, model: EMNetEnhancer, loss_fn: EnhancementLoss, optimizer: torch.optim.Optimizer,
-                 scheduler: LambdaLR, scaler: torch.amp.GradScaler, plan: SchedulePlan, batches: BatchSource,
-                 progress: Progress, log: RunLog, options: dict[str, Any], val_pairs: list):
-        self.run, self.args, self.model, self.loss_fn = run, run.args, model, loss_fn
+                 scheduler: LambdaLR, scaler: torch.amp.GradScaler, held_bytes: int, log: RunLog):
+        self.run, self.model, self.loss_fn = run, model, loss_fn
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.plan, self.spent_before = plan, plan.spent_s  # spent by earlier calls of a budgeted run
-        self.batches, self.progress, self.log, self.options = batches, progress, log, options
-        self.val_pairs, self.selects = val_pairs, not is_test_set(self.args.val_dir)
-        self.forward = training_forward(model, run, batches.held_bytes)
-        self.writer = CheckpointWriter()
-        self.guard: StepGuard = (DeviceGuard(run.device, run.info, log, optimizer) if batches.on_device
+        self.forward = training_forward(model, run, held_bytes)
+        self.guard: StepGuard = (DeviceGuard(run.device, run.info, log, optimizer) if run.on_device
                                  else HostSyncedGuard(run.device, run.info, log))
+
+    def step(self, low: torch.Tensor, high: torch.Tensor, iteration: int) -> tuple[torch.Tensor, dict]:
+        """Train on one batch (the run's `iteration`-th step); returns the loss and its terms."""
+        device, amp_dtype, optimizer = self.run.device, self.run.amp_dtype, self.optimizer
+        low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = self.forward(low)
+        loss, terms = self.loss_fn(out.float().clamp(0, 1), high)
+        optimizer.zero_grad(set_to_none=True)
+        if self.guard.ok(loss, iteration):
+            self.scaler.scale(loss).backward()
+            if self.run.args.grad_clip > 0:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.args.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        return loss, terms
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+
+class Checkpoints:
+    """Validation and checkpoints (main process): model_best.pth on the validation split, never
+    on a test set; model_latest.pth with what --resume needs; every --checkpoint epoch's file. The
+    files are written in the background (`RunFiles.save`)."""
+
+    def __init__(self, run: Run, model: EMNetEnhancer, val_pairs: list, log: RunLog):
+        self.run, self.model, self.val_pairs, self.log = run, model, val_pairs, log
+        self.selects = bool(val_pairs) and not is_test_set(run.args.val_dir)
+
+    def save(self, progress: Progress, epoch: int, validate_now: bool, epoch_complete: bool,
+             resume_state: Callable[[], dict[str, Any]]) -> None:
+        """Validate epoch `epoch` when `validate_now` (a better score is kept as model_best.pth),
+        then write model_latest.pth with `resume_state()` and, for a completed --checkpoint
+        epoch, model_epoch_N.pth."""
+        run, best = self.run, False
+        if self.val_pairs and validate_now:
+            means = validate(self.model, self.val_pairs, run.device, run.args, run.files.env_dir, epoch, self.log,
+                             progress.iteration)
+            best = self.selects and means["psnr"] > progress.best["psnr"]
+            if best:
+                progress.best = {"psnr": means["psnr"], "epoch": epoch}
+        kept = progress.epoch if epoch_complete and progress.epoch % run.args.checkpoint == 0 else None
+        run.files.save(Checkpoint(payload(self.model, run.args, progress), resume_state()), best, kept,
+                       background=True)
+
+    def summary(self, progress: Progress) -> str:
+        return (f"best val PSNR {progress.best['psnr']:.3f} (epoch {progress.best['epoch']})" if self.selects
+                else "no checkpoint selected")
+
+
+class RunLength:
+    """How long the run trains and where this call stops: the schedule's plan, whose length
+    --time_budget fixes once the first steps are timed (`fix_when_timed`), --max_iters, and the
+    time spent by earlier calls of the run."""
+
+    def __init__(self, run: Run, plan: SchedulePlan):
+        self.run, self.plan, self.spent_before = run, plan, plan.spent_s
         self.timer = StepTimer(run.device)
-        self.last_iter = last_iteration(plan, self.args.max_iters)  # where this call stops
+        self.last_iter = last_iteration(plan, run.args.max_iters)  # where this call stops
+
+    def fix_when_timed(self, opt: Optimisation, val_pairs: list, iteration: int, log: RunLog) -> bool:
+        """--time_budget: once the first steps are timed, fix the run's length and replace the
+        schedule (`fix_budget`); whether it did so now."""
+        if self.plan.total_iters is not None:
+            return False
+        sec_per_iter = self.timer.step_done()
+        if sec_per_iter is None:
+            return False
+        run, args = self.run, self.run.args
+        spent = run.seconds_spent(self.spent_before)
+        overhead = (epoch_overhead_seconds(opt.model, opt.optimizer, val_pairs, run.device, args.val_time)
+                    if run.info.is_main else 0.0)  # rank 0 decides the length for all
+        self.plan, opt.scheduler = fix_budget(self.plan, sec_per_iter, spent, overhead, iteration, opt.optimizer,
+                                              args.min_lr, run.device, run.info, log)
+        self.last_iter = last_iteration(self.plan, args.max_iters)
+        return True
+
+    def nothing_to_train(self, iteration: int, log: RunLog) -> bool:
+        """Whether the run already stands where this call would stop (and says so)."""
+        if iteration < self.last_iter:
+            return False
+        log.line(f"nothing to train: the run is at iteration {iteration} and stops at {self.last_iter} "
+                 "(raise --max_iters or --nepoch); checkpoints left as they are")
+        return True
+
+    def finished(self, iteration: int) -> bool:
+        """Whether the run's schedule has ended at `iteration` (never before the length is fixed)."""
+        return self.plan.total_iters is not None and iteration >= self.plan.total_iters
+
+    def schedule_state(self) -> dict[str, Any]:
+        """The plan as model_latest.pth stores it, with the time spent until now."""
+        self.plan = dataclasses.replace(self.plan, spent_s=self.run.seconds_spent(self.spent_before))
+        return self.plan.to_dict()
+
+
+class Trainer:
+    """The steps of one call: `epoch_batches` yields an epoch's batches; `after_step` fixes a
+    budgeted run's length, logs and says whether to stop; `end_epoch` validates and writes the
+    checkpoints (`Checkpoints`)."""
+
+    def __init__(self, run: Run, optimisation: Optimisation, plan: SchedulePlan, batches: BatchSource,
+                 progress: Progress, log: RunLog, options: dict[str, Any], val_pairs: list):
+        self.run, self.args, self.opt = run, run.args, optimisation
+        self.length = RunLength(run, plan)
+        self.batches, self.progress, self.log, self.options = batches, progress, log, options
+        self.checkpoints = Checkpoints(run, optimisation.model, val_pairs, log)
         self.tic, self.done_here = 0.0, 0
         self.signals = StopSignals()  # SIGTERM/SIGINT: save this step's checkpoint, then exit 143/130
 
@@ -437,52 +527,33 @@ class Trainer:
         """The number of the epoch that step `step` falls in (`epoch_number`)."""
         return epoch_number(step, self.batches.iters_per_epoch)
 
-    def nothing_to_train(self) -> bool:
-        if self.progress.iteration < self.last_iter:
-            return False
-        self.log.line(f"nothing to train: the run is at iteration {self.progress.iteration} and stops at "
-                      f"{self.last_iter} (raise --max_iters or --nepoch); checkpoints left as they are")
-        return True
-
     def epoch_batches(self) -> Iterable[Batch]:
         """The current epoch's batches still to train on (all but those of a resumed epoch)."""
         p, per_epoch = self.progress, self.batches.iters_per_epoch
         skip = p.iteration - p.epoch * per_epoch  # >0 only when resuming mid-epoch
         batches = self.batches.epoch(p.epoch, skip)
-        self.model.train()
+        self.opt.model.train()
         self.tic, self.done_here = time.perf_counter(), 0
-        self.timer.start_epoch()
+        self.length.timer.start_epoch()
         return tqdm(batches, desc=f"epoch {self.epoch_of(p.iteration + 1)}", leave=False, total=per_epoch - skip,
                     disable=not self.run.info.is_main)
 
-    def step(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimisation step; returns the loss and its terms."""
-        device, amp_dtype, optimizer = self.run.device, self.run.amp_dtype, self.optimizer
-        low, high = low.to(device, non_blocking=True), high.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = self.forward(low)
-        loss, terms = self.loss_fn(out.float().clamp(0, 1), high)
-        optimizer.zero_grad(set_to_none=True)
-        if self.guard.ok(loss, self.progress.iteration):
-            self.scaler.scale(loss).backward()
-            if self.args.grad_clip > 0:
-                self.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        self.scheduler.step()
+    def step(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+        """One optimisation step, then `after_step`: whether this call stops here."""
+        loss, terms = self.opt.step(low, high, self.progress.iteration)
         self.progress.iteration += 1
         self.done_here += 1
-        return loss, terms
+        return self.after_step(loss, terms)
 
     def after_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
         """Fix a budgeted run's length once timed, log at log steps; whether this call stops here."""
         args, run, iteration = self.args, self.run, self.progress.iteration
-        if self.plan.total_iters is None:
-            self.fix_length()
+        if self.length.fix_when_timed(self.opt, self.checkpoints.val_pairs, iteration, self.log):
+            self.options["total_iters"] = self.length.plan.total_iters
+            run.files.write_options(self.options)
         if iteration % args.log_every == 0:
             self.log_step(loss, terms)
-        if iteration >= self.last_iter:
+        if iteration >= self.length.last_iter:
             return True
         if time_is_up(args, run.call_start, run.info, run.device, iteration):
             self.log.line(f"stopping at iteration {iteration}: --stop_after_minutes {args.stop_after_minutes:g} "
@@ -490,92 +561,59 @@ class Trainer:
             return True
         if self.signals.agreed(run.info, run.device, iteration, args.log_every):
             self.log.line(f"stopping at iteration {iteration}: {self.signals.name} received; "
-                          f"saving {run.latest_path}")
+                          f"saving {run.files.latest}")
             return True
         return False
 
-    def fix_length(self) -> None:
-        """--time_budget: once the first steps are timed, the run's length and its schedule."""
-        sec_per_iter = self.timer.step_done()
-        if sec_per_iter is None:
-            return
-        run, args = self.run, self.args
-        spent = run.seconds_spent(self.spent_before)
-        overhead = (epoch_overhead_seconds(self.model, self.optimizer, self.val_pairs, run.device, args.val_time)
-                    if run.info.is_main else 0.0)  # rank 0 decides the length for all
-        self.plan, self.scheduler = fix_budget(self.plan, sec_per_iter, spent, overhead, self.progress.iteration,
-                                               self.optimizer, args.min_lr, run.device, run.info, self.log)
-        self.last_iter = last_iteration(self.plan, args.max_iters)
-        self.options["total_iters"] = self.plan.total_iters
-        write_options(run, self.options)
-
     def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         iteration = self.progress.iteration
-        self.guard.check(iteration)
-        loss_value = loss.item()  # the device path's only host sync of the step, at log steps
-        lr = self.optimizer.param_groups[0]["lr"]
+        self.opt.guard.check(iteration)
+        loss_value, lr = loss.item(), self.opt.lr  # item(): the device path's only host sync of the step
         self.log.scalars(iteration, {"train/loss": loss_value, "train/lr": lr,
                                      **{f"train/{k}": float(v) for k, v in terms.items()}})
         rate = self.done_here / (time.perf_counter() - self.tic)
-        shown = self.last_iter if self.last_iter < math.inf else "?"
+        shown = self.length.last_iter if self.length.last_iter < math.inf else "?"
         self.log.line(f"epoch {self.epoch_of(iteration)} iter {iteration}/{shown} loss {loss_value:.4f} "
                       + " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
                       + f" lr {lr:.2e} {rate:.2f} it/s")
 
     def end_epoch(self, stop: bool) -> bool:
         """The end of an epoch or of this call: validation and checkpoints; whether to stop."""
-        p, run = self.progress, self.run
+        p, run, every = self.progress, self.run, self.args.val_time
         epoch_complete = p.iteration == (p.epoch + 1) * self.batches.iters_per_epoch
         if epoch_complete:
             p.epoch += 1
-        finished = self.plan.total_iters is not None and p.iteration >= self.plan.total_iters
+        finished = self.length.finished(p.iteration)
         stop = stop or finished or self.signals.agreed(run.info, run.device)
-        self.guard.check(p.iteration)
+        self.opt.guard.check(p.iteration)
         if run.info.is_main:
-            self.save(stop, epoch_complete, finished)
+            due = p.epoch % every == 0 or stop
+            if self.signals.requested:  # validate only where an uninterrupted run would: save first
+                due = (epoch_complete and p.epoch % every == 0) or finished
+            self.checkpoints.save(p, self.epoch_of(p.iteration), due, epoch_complete, self.resume_state)
         barrier(run.info)
         return stop
 
-    def save(self, stop: bool, epoch_complete: bool, finished: bool) -> None:
-        """Validate when due (and keep model_best.pth), then write model_latest.pth and the
-        --checkpoint epoch's file in the background."""
-        p, args, run = self.progress, self.args, self.run
-        files = []
-        due = p.epoch % args.val_time == 0 or stop
-        if self.signals.requested:  # validate only where an uninterrupted run would: save first
-            due = (epoch_complete and p.epoch % args.val_time == 0) or finished
-        if self.val_pairs and due:
-            epoch = self.epoch_of(p.iteration)
-            means = validate(self.model, self.val_pairs, run.device, args, run.env_dir, epoch, self.log, p.iteration)
-            if self.selects and means["psnr"] > p.best["psnr"]:
-                p.best = {"psnr": means["psnr"], "epoch": epoch}
-                files.append((run.models_dir / "model_best.pth", payload(self.model, args, p)))
-        self.plan = dataclasses.replace(self.plan, spent_s=run.seconds_spent(self.spent_before))
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": capture_rng_state(), "schedule": self.plan.to_dict()}
+    def resume_state(self) -> dict[str, Any]:
+        """What model_latest.pth adds for --resume, as things stand after validation: the
+        optimisation's state, the RNG, the schedule (time spent so far) and the device crops' sampler."""
+        state = {**self.opt.state_dict(), "rng": capture_rng_state(), "schedule": self.length.schedule_state()}
         sampler = self.batches.state_dict()
-        if sampler is not None:
-            state["sampler"] = sampler
-        files.append((run.latest_path, payload(self.model, args, p, state)))
-        if epoch_complete and p.epoch % args.checkpoint == 0:
-            files.append((run.models_dir / f"model_epoch_{p.epoch}.pth", payload(self.model, args, p)))
-        self.writer.save(files)
+        return state if sampler is None else {**state, "sampler": sampler}
 
     def close(self) -> None:
-        self.writer.join()  # never exit with a checkpoint half-way to the disk
+        self.run.files.close()  # never exit with a checkpoint half-way to the disk
         self.signals.restore()
 
     def finish(self) -> None:
         """The last log line; a stop by a signal ends in its exit status."""
         p, run = self.progress, self.run
         at = f"at epoch {self.epoch_of(p.iteration)} iteration {p.iteration}"
-        best_text = (f"best val PSNR {p.best['psnr']:.3f} (epoch {p.best['epoch']})" if self.val_pairs and self.selects
-                     else "no checkpoint selected")
-        self.log.line(f"finished {at}; {best_text}; checkpoints in {run.models_dir}")
+        self.log.line(f"finished {at}; {self.checkpoints.summary(p)}; checkpoints in {run.files.models_dir}")
         self.log.close()
         cleanup(run.info)
         self.signals.raise_if_stopped(f"stopped by {self.signals.name} {at}; "
-                                      f"{run.latest_path} holds this step: --resume continues")
+                                      f"{run.files.latest} holds this step: --resume continues")
 
 
 def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
@@ -596,17 +634,17 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     progress = resume(run, model, optimizer, scheduler, scaler, batches)
 
-    log = RunLog(run.env_dir, info.is_main)
+    log = run.files.open_log()
     options = run_options(run, model, plan, (train_pairs, val_pairs), batches)
-    write_options(run, options)
+    run.files.write_options(options)
     log_start(log, run, model, plan, progress, (train_pairs, val_pairs), batches, changed)
-    trainer = Trainer(run, model, loss_fn, optimizer, scheduler, scaler, plan, batches, progress, log, options,
-                      val_pairs)
+    optimisation = Optimisation(run, model, loss_fn, optimizer, scheduler, scaler, batches.held_bytes, log)
+    trainer = Trainer(run, optimisation, plan, batches, progress, log, options, val_pairs)
     try:
-        stop = trainer.nothing_to_train()
+        stop = trainer.length.nothing_to_train(progress.iteration, log)
         while not stop:
             for low, high in trainer.epoch_batches():
-                stop = trainer.after_step(*trainer.step(low, high))
+                stop = trainer.step(low, high)
                 if stop:
                     break
             stop = trainer.end_epoch(stop)  # validation, model_latest.pth (this call's last when stopping)
