@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
@@ -56,13 +55,14 @@ from options import (
 )
 from utils.allocator import tune_allocator
 from utils.bundled import BUNDLED_ENHANCER
-from utils.checkpoint import load_checkpoint_file, remove_stale_temp_files, save_checkpoint
+from utils.checkpoint import load_checkpoint_file
 from utils.device import resolve_device
 from utils.errors import UserError, run_cli, writable_dir
 from utils.image_io import image_to_tensor, tensor_to_image, to_uint8
 from utils.mid_epoch import MidEpoch
 from utils.report import mean_scores, score
 from utils.resume import parse_with_given, resume_flags
+from utils.run_files import Checkpoint, RunFiles
 from utils.run_log import RunLog
 from utils.seed import seed_everything
 from utils.signals import StopSignals, ignore_stop_signals
@@ -240,20 +240,18 @@ def restore_run(path: Path, memory: ExternalMemory, head: QueryHead | None,
     return ckpt["epoch"], ckpt["best"]
 
 
-def open_run(args: argparse.Namespace, given: set[str] | None) -> tuple[torch.device, Path, str | None]:
-    """The device and the output folder; with --resume the run's flags not given again come from
+def open_run(args: argparse.Namespace, given: set[str] | None) -> tuple[torch.device, RunFiles, str | None]:
+    """The device and the run's files; with --resume the run's flags not given again come from
     memory_latest.pth (returns the line naming flags given with other values)."""
     device = resolve_device(args.device)
-    models_dir = writable_dir(Path(args.save_dir) / args.env / "models", "--save_dir")
-    latest_path = models_dir / "memory_latest.pth"
-    remove_stale_temp_files(models_dir)
-    if args.resume and not latest_path.is_file():
-        raise UserError(f"--resume: nothing to resume, {latest_path} does not exist; drop --resume")
-    changed = (resume_flags(args, given, load_memory(latest_path)[1].get("options", {}), RESUMED_FLAGS)
-               if args.resume else None)
+    files = RunFiles(args.save_dir, args.env, "memory")
+    changed = None
+    if args.resume:
+        files.require_latest()
+        changed = resume_flags(args, given, load_memory(files.latest)[1].get("options", {}), RESUMED_FLAGS)
     check_border_margin(args.border_margin)
     set_memory_budget(args.max_memory)
-    return device, models_dir, changed
+    return device, files, changed
 
 
 def frozen_query(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -284,7 +282,8 @@ def training_entries(args: argparse.Namespace, enhancer: torch.nn.Module, encode
 
 
 def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder: torch.nn.Module,
-                   pairs: list[ImagePair], cache: Path, log: RunLog, device: torch.device) -> ValidationSet | None:
+                   pairs: list[ImagePair], cache: Path, files: RunFiles, log: RunLog,
+                   device: torch.device) -> ValidationSet | None:
     """The validation pairs through the frozen enhancer (None without any); says in the log
     what validation will and will not do."""
     val = None
@@ -295,9 +294,7 @@ def validation_set(args: argparse.Namespace, enhancer: torch.nn.Module, encoder:
     else:
         log.line("no validation pairs: memory_best.pth will not be written")
     if val is not None and is_test_set(args.val_dir):
-        log.line(f"--val_dir {args.val_dir} is a test set: validation here only reports its scores and never "
-                 "selects a checkpoint (no memory_best.pth); drop --val_dir to select on pairs held out of "
-                 "--train_dir")
+        log.line(files.test_set_line(args.val_dir))
     return val
 
 
@@ -320,14 +317,13 @@ class MemoryTrainer:
     def __init__(self, args: argparse.Namespace, memory: ExternalMemory, head: QueryHead | None,
                  optimizer: torch.optim.Optimizer | None, encoder: torch.nn.Module, read: ReadSettings,
                  data: tuple[DataLoader, torch.Generator], val: ValidationSet | None, extra: dict,
-                 models_dir: Path, best: dict, log: RunLog, device: torch.device, signals: StopSignals):
+                 files: RunFiles, best: dict, log: RunLog, device: torch.device, signals: StopSignals):
         self.args, self.memory, self.head, self.optimizer, self.encoder = args, memory, head, optimizer, encoder
         self.read, (self.loader, self.generator), self.val, self.extra = read, data, val, extra
-        self.models_dir, self.best, self.log, self.device = models_dir, best, log, device
-        self.latest_path = models_dir / "memory_latest.pth"
+        self.files, self.best, self.log, self.device = files, best, log, device
         self.selects = not is_test_set(args.val_dir)
         self.signals = signals  # SIGTERM/SIGINT in the loop: save after the batch under way, then exit 143/130
-        self.position = MidEpoch(load_checkpoint_file(self.latest_path).get("in_epoch") if args.resume else None)
+        self.position = MidEpoch(load_checkpoint_file(self.files.latest).get("in_epoch") if args.resume else None)
 
     def train(self, epoch: int) -> None:
         """Epochs from `epoch` to --nepoch, or until a stop signal (then exits 143/130)."""
@@ -337,15 +333,15 @@ class MemoryTrainer:
                 counts, done = self.train_epoch(epoch)
                 if self.signals.requested and done < len(self.loader):
                     stopped_at = f"in epoch {epoch + 1} after batch {done} of {len(self.loader)}"
-                    self.log.line(f"stopping {stopped_at}: {self.signals.name} received; saving {self.latest_path}")
-                    self.save_latest(epoch, in_epoch=self.position.state(done, **counts))
+                    self.log.line(f"stopping {stopped_at}: {self.signals.name} received; saving {self.files.latest}")
+                    self.save(epoch, in_epoch=self.position.state(done, **counts))
                     break
                 epoch += 1
                 self.end_epoch(epoch, counts)
                 if self.signals.requested:
                     stopped_at = f"after epoch {epoch}"
                     break
-        self.signals.raise_if_stopped(f"stopped by {self.signals.name} {stopped_at}; {self.latest_path} holds "
+        self.signals.raise_if_stopped(f"stopped by {self.signals.name} {stopped_at}; {self.files.latest} holds "
                                       "this step: --resume continues")
 
     def train_epoch(self, epoch: int) -> tuple[dict, int]:
@@ -389,24 +385,25 @@ class MemoryTrainer:
                       + (f", triplet loss {sum(losses) / len(losses):.4f}" if losses else ""))
         self.log.scalars(epoch, {"memory/slots_used": used, "memory/match_rate": counts["matched"] / max(counts["written"], 1),
                                  **({"train/triplet": sum(losses) / len(losses)} if losses else {})})
+        best = False
         if self.val is not None and (epoch % args.val_time == 0 or epoch == args.nepoch):
             m = self.val.evaluate(self.memory, self.head, self.read)
             self.log.line(f"epoch {epoch}: val ori PSNR {m['ori_psnr']:.3f} SSIM {m['ori_ssim']:.4f} | "
                           f"mem PSNR {m['mem_psnr']:.3f} SSIM {m['mem_ssim']:.4f}")
             self.log.scalars(epoch, {f"val/{k}": v for k, v in m.items()})
-            if self.selects and m["mem_psnr"] > self.best["mem_psnr"]:
+            best = self.selects and m["mem_psnr"] > self.best["mem_psnr"]
+            if best:
                 self.best = {**m, "epoch": epoch}
-                save_checkpoint(self.models_dir / "memory_best.pth", memory_payload(
-                    self.memory, epoch, args.query_encoder, self.head,
-                    {**self.extra, "read": self.read.to_checkpoint(), "best": self.best}))
-        self.save_latest(epoch)
+        self.save(epoch, best)
 
-    def save_latest(self, epoch: int, **more: Any) -> None:
-        """memory_latest.pth: the memory, how it reads, and what --resume needs (`more`: mid-epoch)."""
-        save_checkpoint(self.latest_path, memory_payload(self.memory, epoch, self.args.query_encoder, self.head, {
-            **self.extra, "read": self.read.to_checkpoint(), "best": self.best, "rng": torch.get_rng_state(),
-            "sampler_rng": self.generator.get_state(),
-            "head_optimizer": self.optimizer.state_dict() if self.optimizer is not None else None, **more}))
+    def save(self, epoch: int, best: bool = False, **more: Any) -> None:
+        """memory_latest.pth (with `best` also memory_best.pth): the memory and how it reads; the
+        latest file also what --resume needs (`more`: where in the epoch a stop left it)."""
+        model = memory_payload(self.memory, epoch, self.args.query_encoder, self.head,
+                               {**self.extra, "read": self.read.to_checkpoint(), "best": self.best})
+        self.files.save(Checkpoint(model, {
+            "rng": torch.get_rng_state(), "sampler_rng": self.generator.get_state(),
+            "head_optimizer": self.optimizer.state_dict() if self.optimizer is not None else None, **more}), best)
 
 
 def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
@@ -418,13 +415,13 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> None:
 
 def run_training(args: argparse.Namespace, given: set[str] | None, signals: StopSignals) -> None:
     """`main`'s run, under its stop signals."""
-    device, models_dir, changed = open_run(args, given)
+    device, files, changed = open_run(args, given)
     read, auto = read_config(args)
     enhancer, encoder = frozen_query(args, device)
     config = memory_config(args, encoder.dim, read.top_k)
     train_pairs, val_pairs = training_split(args.train_dir, args.val_dir, args.val_percent)
     seed_everything(args.seed)
-    log = RunLog(models_dir.parent, True)
+    log = files.open_log()
     cache = writable_dir(args.cache_dir or Path(args.save_dir) / "cache" / "frozen", "--cache_dir") / cache_key(
         args.weights, args.border_margin)
     dataset, train_passes = training_entries(args, enhancer, encoder, train_pairs, cache, config, auto, log, device)
@@ -438,37 +435,38 @@ def run_training(args: argparse.Namespace, given: set[str] | None, signals: Stop
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr) if head is not None else None
     epoch, best = 0, {"mem_psnr": -math.inf, "epoch": -1}
     if args.resume:
-        epoch, best = restore_run(models_dir / "memory_latest.pth", memory, head, optimizer, generator,
+        epoch, best = restore_run(files.latest, memory, head, optimizer, generator,
                                   args.query_encoder, enhancer_fingerprint(enhancer), args.weights)
-    write_options(args, models_dir.parent, config, read, auto, enhancer, train_pairs, val_pairs, device)
+    files.write_options(run_options(args, config, read, auto, enhancer, (train_pairs, val_pairs), device))
     log.line(f"{'resuming' if args.resume else 'starting'} at epoch {epoch + 1}: memory {config.mem_size} x "
              f"{config.key_dim} ({args.query_encoder} query{', learned head' if head else ''}, {args.entries} "
              f"entries), p = {config.pooling_size}, {len(train_pairs)} train / {len(val_pairs)} val pairs on {device}")
     if changed:
         log.line(changed)
-    val = validation_set(args, enhancer, encoder, val_pairs, cache, log, device)
+    val = validation_set(args, enhancer, encoder, val_pairs, cache, files, log, device)
 
     trainer = MemoryTrainer(args, memory, head, optimizer, encoder, read, (loader, generator), val,
-                            checkpoint_extra(args, enhancer, train_pairs, train_passes), models_dir, best, log, device,
+                            checkpoint_extra(args, enhancer, train_pairs, train_passes), files, best, log, device,
                             signals)
     trainer.train(epoch)
     if auto or args.abstain != "off":
-        finish_read(args, memory, head, train_passes, train_pairs, encoder, read, models_dir, val, log, device)
+        finish_read(args, memory, head, train_passes, train_pairs, encoder, read, files, val, log, device)
     elif val is not None and trainer.selects:
         log.line(f"finished: best val mem PSNR {trainer.best['mem_psnr']:.3f} at epoch {trainer.best['epoch']} "
-                 f"(ori {trainer.best.get('ori_psnr', float('nan')):.3f}); memory in {models_dir}")
+                 f"(ori {trainer.best.get('ori_psnr', float('nan')):.3f}); memory in {files.models_dir}")
     report_cache(cache, args.clear_cache, log)
     log.close()
 
 
-def write_options(args: argparse.Namespace, env_dir: Path, config: MemoryConfig, read: ReadSettings, auto: bool,
-                  enhancer: torch.nn.Module, train_pairs: list, val_pairs: list, device: torch.device) -> None:
+def run_options(args: argparse.Namespace, config: MemoryConfig, read: ReadSettings, auto: bool,
+                enhancer: torch.nn.Module, pairs: tuple[list, list], device: torch.device) -> dict[str, Any]:
     """options.yml: the flags and what the run made of them ("auto" strength until calibrated)."""
+    train_pairs, val_pairs = pairs
     stored_read = {**read.to_checkpoint(), "strength": "auto"} if auto else read.to_checkpoint()
     options = {**vars(args), "query_encoder": args.query_encoder, "memory": config.to_dict(), "read": stored_read,
                "enhancer": enhancer.config.to_dict(), "train_pairs": len(train_pairs),
                "val_pairs": [p.name for p in val_pairs], "device": str(device)}
-    (env_dir / "options.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    return options
 
 
 def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
@@ -484,7 +482,7 @@ def report_cache(cache: Path, clear: bool, log: RunLog) -> None:
 
 def finish_read(args: argparse.Namespace, memory: ExternalMemory, head: QueryHead | None,
                 passes: list[FrozenPass], pairs: list[ImagePair], encoder: torch.nn.Module, read: ReadSettings,
-                models_dir: Path, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
+                files: RunFiles, val: ValidationSet | None, log: RunLog, device: torch.device) -> None:
     """--strength auto and --abstain: fit the read on the training pairs and store it in
     memory_latest.pth, which is then also memory_best.pth (the validation split is only reported,
     it chooses nothing). The strength is calibrated first (leave-one-out reads), then the
@@ -493,7 +491,7 @@ def finish_read(args: argparse.Namespace, memory: ExternalMemory, head: QueryHea
     if head is not None:
         queries = head(queries).detach()
     ori, high = [fp.ori for fp in passes], [fp.high for fp in passes]
-    final, ckpt = read, torch.load(models_dir / "memory_latest.pth", map_location="cpu", weights_only=False)
+    final, ckpt = read, torch.load(files.latest, map_location="cpu", weights_only=False)
     if args.strength == "auto":
         strength, curve = calibrate_strength(memory, queries, ori, high, read)
         log.line("calibrated strength on the training pairs (leave-one-out mean PSNR): " +
@@ -515,9 +513,8 @@ def finish_read(args: argparse.Namespace, memory: ExternalMemory, head: QueryHea
         ckpt["best"] = {**m, "epoch": ckpt["epoch"]}
         corrected = f", corrected {m['mem_corrected']:.0f}/{len(val.passes)}" if final.abstains else ""
         log.line(f"finished: val ori PSNR {m['ori_psnr']:.3f} | mem PSNR {m['mem_psnr']:.3f} SSIM "
-                 f"{m['mem_ssim']:.4f} at strength {final.strength_flag}{corrected}; memory in {models_dir}")
-    for name in ("memory_latest.pth", "memory_best.pth"):
-        save_checkpoint(models_dir / name, ckpt)
+                 f"{m['mem_ssim']:.4f} at strength {final.strength_flag}{corrected}; memory in {files.models_dir}")
+    files.save(Checkpoint(ckpt), best=True)
 
 
 if __name__ == "__main__":
