@@ -100,7 +100,8 @@ def check_outputs(files: list[str], reference: tuple[np.ndarray, np.ndarray]) ->
     assert np.abs(mem.astype(int) - ori).max() > 1, "the memory leaves this photo as it is: pick another"
     for got, stage, want in zip(files, ("ori", "mem"), reference):
         diff = np.abs(to_uint8(read_image(got)).astype(int) - want)
-        assert diff.max() <= 1, f"{stage}: {(diff > 1).sum()} pixels off the plain network, by up to {diff.max()}"
+        worst = int(diff.max())
+        assert worst <= 1, f"{stage}: {(diff > 1).sum()} pixels off the plain network, by up to {worst}"
 
 
 def png_means(path) -> np.ndarray:
