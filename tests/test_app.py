@@ -139,12 +139,11 @@ def dropdowns(url: str) -> dict[str, list[list[str]]]:
 
 
 def test_app_matches_the_plain_network_and_survives_bad_uploads(tmp_path):
-    """The app's ori and mem PNGs for a photo equal the plain network and `refine_with_memory`
-    (`plain_reference`) within 1 grey level, downloaded as `<photo>_ori.png` and `<photo>_mem.png`,
-    with what the memory changed and recalled; all 7 examples are offered as thumbnails; the
-    dropdowns name the files with a hint, not a path; a non-image, an empty file and an over-size
-    photo each get one clear message while the server keeps answering; the page renders in
-    Chromium (screenshot)."""
+    """The app's ori and mem PNGs for a photo equal `plain_reference` within 1 grey level, downloaded
+    as `<photo>_ori.png` and `<photo>_mem.png`, with what the memory changed and recalled; all 7
+    examples are offered as thumbnails; the dropdowns name the files with a hint, not a path; a
+    non-image, an empty file and an over-size photo each get one clear message while the server
+    keeps answering; the page renders in Chromium (screenshot)."""
     good = photo(tmp_path / "dark.png", 72, 96)
     examples = [photo(tmp_path / "examples" / f"ex{i}.png", 40, 56, seed=i) for i in range(7)]
     port = free_port()
