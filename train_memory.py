@@ -83,7 +83,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the frozen enhancer (--pretrain_weights: the original's name)")
     add_enhancer_args(g, defaults_from_checkpoint=True)
     add_border_arg(g)
-    g = p.add_argument_group("data")
+    add_data_args(p.add_argument_group("data"))
+    g = p.add_argument_group("memory")
+    add_memory_build_args(g)
+    add_memory_args(g, training=True)
+    p.set_defaults(query_encoder="resnet18")  # the original's query; test.py takes the memory's
+    add_update_args(g)
+    g = p.add_argument_group("schedule")
+    g.add_argument("--nepoch", type=int, default=40, help="passes over the training pairs")
+    g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
+    add_max_memory_arg(g)
+    g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
+    add_device_arg(g)
+    g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
+    return p
+
+
+def add_data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--train_dir", default="./datasets/LOL-v1/our485", help="training pairs (low/, high/)")
     g.add_argument("--val_dir", default=None, help="default: the split held out of --train_dir")
     add_split_arg(g)
@@ -99,10 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "its size (default: SAVE_DIR/cache/frozen)")
     g.add_argument("--clear_cache", action="store_true",
                    help="delete this run's cached passes when it ends (the next run recomputes them)")
-    g = p.add_argument_group("memory")
-    add_memory_build_args(g)
-    add_memory_args(g, training=True)
-    p.set_defaults(query_encoder="resnet18")  # the original's query; test.py takes the memory's
+
+
+def add_update_args(g: argparse._ArgumentGroup) -> None:
+    """How the memory is written (the update rule, --entries) and the optional query head."""
     g.add_argument("--thres", type=float, default=1e-5, help="match threshold of the update rule")
     g.add_argument("--top_k", type=int, default=None,
                    help="the original's flag, which it parsed and never used; accepted and ignored here "
@@ -118,14 +134,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pos_thres", type=float, default=0.02,
                    help="a slot is a triplet positive when its value is this close (mean |diff|)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the query head")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--nepoch", type=int, default=40, help="passes over the training pairs")
-    g.add_argument("--val_time", type=int, default=5, help="validate every N epochs")
-    add_max_memory_arg(g)
-    g.add_argument("--resume", action="store_true", help="continue from models/memory_latest.pth")
-    add_device_arg(g)
-    g.add_argument("--seed", type=int, default=1234, help="seed of crops, ages and the query head")
-    return p
 
 
 # What a memory run is: on --resume these come from memory_latest.pth unless given again.
