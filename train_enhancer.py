@@ -443,6 +443,14 @@ class Checkpoints:
         self.run, self.model, self.val_pairs, self.log = run, model, val_pairs, log
         self.selects = bool(val_pairs) and not is_test_set(run.args.val_dir)
 
+    def validation_due(self, epoch: int, epoch_complete: bool, stop: bool, finished: bool, signalled: bool) -> bool:
+        """Every --val_time epochs and when this call stops; after a stop signal only where an
+        uninterrupted run would have validated (the checkpoint is saved first)."""
+        every = self.run.args.val_time
+        if signalled:
+            return (epoch_complete and epoch % every == 0) or finished
+        return epoch % every == 0 or stop
+
     def save(self, progress: Progress, epoch: int, validate_now: bool, epoch_complete: bool,
              resume_state: Callable[[], dict[str, Any]]) -> None:
         """Validate epoch `epoch` when `validate_now` (a better score is kept as model_best.pth),
@@ -579,7 +587,7 @@ class Trainer:
 
     def end_epoch(self, stop: bool) -> bool:
         """The end of an epoch or of this call: validation and checkpoints; whether to stop."""
-        p, run, every = self.progress, self.run, self.args.val_time
+        p, run = self.progress, self.run
         epoch_complete = p.iteration == (p.epoch + 1) * self.batches.iters_per_epoch
         if epoch_complete:
             p.epoch += 1
@@ -587,9 +595,7 @@ class Trainer:
         stop = stop or finished or self.signals.agreed(run.info, run.device)
         self.opt.guard.check(p.iteration)
         if run.info.is_main:
-            due = p.epoch % every == 0 or stop
-            if self.signals.requested:  # validate only where an uninterrupted run would: save first
-                due = (epoch_complete and p.epoch % every == 0) or finished
+            due = self.checkpoints.validation_due(p.epoch, epoch_complete, stop, finished, self.signals.requested)
             self.checkpoints.save(p, self.epoch_of(p.iteration), due, epoch_complete, self.resume_state)
         barrier(run.info)
         return stop
