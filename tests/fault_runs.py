@@ -28,6 +28,14 @@ def run_limited(*argv, limit_bytes: int | None = None, timeout: float = 180) -> 
                       preexec_fn=limited(limit_bytes) if limit_bytes else None)
 
 
+def slowed(module: str, name: str, seconds: float) -> str:
+    """A prelude for `start_script`: every call of `module.name` waits `seconds` first (a slow
+    disk or a slow forward, so a test can signal the script while that call is under way)."""
+    return (f"import time, {module} as _module_{name}\n_plain_{name} = _module_{name}.{name}\n"
+            f"def _slow_{name}(*args, **kwargs):\n    time.sleep({seconds})\n"
+            f"    return _plain_{name}(*args, **kwargs)\n_module_{name}.{name} = _slow_{name}\n")
+
+
 def temporary_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_runs import noisy_pairs, reaped, run_limited, start_script, temporary_files, wait_until
+from fault_runs import noisy_pairs, reaped, run_limited, slowed, start_script, temporary_files, wait_until
 from train_runs import (
     FAST,
     TINY,
@@ -125,14 +125,7 @@ def test_signal_to_a_training_process_saves_within_30_s_and_resume_finishes(tmp_
     assert load(save / "sig" / "models" / "model_latest.pth")["iteration"] == ckpt["iteration"] + 2
 
 
-SLOW_SAVES = """
-import time, torch
-_save = torch.save
-def _slow_save(*args, **kwargs):
-    time.sleep(1.5)
-    return _save(*args, **kwargs)
-torch.save = _slow_save
-"""
+SLOW_SAVES = slowed("torch", "save", 1.5)
 
 
 @pytest.mark.slow
@@ -211,15 +204,7 @@ def test_memory_signal_mid_epoch_and_resume_match_a_straight_run(tmp_path, monke
     assert len(epoch_lines("A")) == 3 and epoch_lines("A") == epoch_lines("B")
 
 
-SLOW_PASSES = """
-import signal, time
-import models.frozen_pass as frozen_pass
-_frozen_pass = frozen_pass.frozen_pass
-def _slow_pass(*args, **kwargs):
-    time.sleep(2)
-    return _frozen_pass(*args, **kwargs)
-frozen_pass.frozen_pass = _slow_pass
-"""
+SLOW_PASSES = slowed("models.frozen_pass", "frozen_pass", 2)
 
 
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
@@ -230,7 +215,7 @@ def test_sigint_during_memory_start_up_validation_stops_at_once(tmp_path, weight
     train = noisy_pairs(tmp_path / "train", ["a", "b"], size=(32, 40))
     val = noisy_pairs(tmp_path / "val", [f"v{i}" for i in range(20)], size=(32, 40), seed=1)
     cache, models = tmp_path / "cache", tmp_path / "runs" / "start" / "models"
-    prelude = SLOW_PASSES + ("signal.signal(signal.SIGINT, signal.SIG_IGN)" if sigint == "ignored" else "")
+    prelude = SLOW_PASSES + ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)" if sigint == "ignored" else "")
     proc = start_script("train_memory.py", *memory_args(tmp_path, weights, train, "start", "--val_dir", val,
                                                          "--cache_dir", cache), prelude=prelude)
     with reaped(proc):
@@ -245,14 +230,7 @@ def test_sigint_during_memory_start_up_validation_stops_at_once(tmp_path, weight
 
 # ----------------------------------------------------------------------------- SIGTERM in the other scripts
 
-SLOW_FSYNC = """
-import os, time
-_fsync = os.fsync
-def _slow_fsync(fd):
-    time.sleep(1.5)
-    return _fsync(fd)
-os.fsync = _slow_fsync
-"""
+SLOW_FSYNC = slowed("os", "fsync", 1.5)
 
 
 def stop_while_writing(proc: subprocess.Popen, folder: Path, pattern: str) -> str:
