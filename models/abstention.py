@@ -40,8 +40,6 @@ class Decision:
 
     corrected: bool
     reason: str
-    score: float
-    scene_match: float | None
 
 
 def decide(score: float, scene_match: float | None, min_score: float | None,
@@ -53,12 +51,12 @@ def decide(score: float, scene_match: float | None, min_score: float | None,
     if min_score is not None and not score > min_score:
         failed.append(f"score {score:.4f} <= {min_score:.4f}")
     if failed:
-        return Decision(False, "abstained: " + "; ".join(failed), score, scene_match)
+        return Decision(False, "abstained: " + "; ".join(failed))
     if min_scene is None and min_score is None:
-        return Decision(True, "corrected: no abstention rule", score, scene_match)
+        return Decision(True, "corrected: no abstention rule")
     passed = ([f"scene match {scene_match:.3f} > {min_scene:.3f}"] if min_scene is not None else []) + \
              ([f"score {score:.4f} > {min_score:.4f}"] if min_score is not None else [])
-    return Decision(True, "corrected: " + "; ".join(passed), score, scene_match)
+    return Decision(True, "corrected: " + "; ".join(passed))
 
 
 def scene_vectors(low: torch.Tensor) -> np.ndarray:

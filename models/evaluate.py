@@ -6,7 +6,7 @@ Used by `test.py` and by the enhancer trainer's validation, so both score the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from utils.errors import UserError
 from utils.image_io import image_to_tensor, is_image_file, read_image, tensor_to_image, to_uint8, write_image
 from utils.memory_effect import measure_effect
 from utils.report import score
+
+if TYPE_CHECKING:
+    from models.refiner import MemoryRefiner
 
 
 def _scored(row: dict[str, Any], prefix: str, out8, high, lpips: nn.Module | None, device: torch.device) -> None:
@@ -35,17 +38,16 @@ def _scored(row: dict[str, Any], prefix: str, out8, high, lpips: nn.Module | Non
 
 @torch.no_grad()
 def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: torch.device, *,
-                   refiner: nn.Module | None = None, enhanced: dict[str, Path] | None = None,
+                   refiner: MemoryRefiner | None = None, enhanced: dict[str, Path] | None = None,
                    ori_dir: Path | None = None, mem_dir: Path | None = None,
                    progress: bool = True, margin: int = BORDER_MARGIN,
                    lpips: nn.Module | None = None, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per pair: `name`, and where ground truth exists `ori_psnr/ssim/gt_mean_psnr` (and
     `mem_...` with a `refiner`; `..._lpips` with an `lpips` model, `utils.perceptual.LPIPS`).
     With a refiner, `memory_effect` holds what the memory changed (`utils.memory_effect.MemoryEffect`:
-    gain per channel, brightness ori -> mem, ground truth or not; with a `MemoryRefiner`, whether it
-    corrected the image or abstained, and why). A refiner with `top_entries`
-    (`models.refiner.MemoryRefiner`) adds `recalled`: the memory's best entries for the image
-    (training-image name, sample index, score and its percentile among the memory's own reads).
+    gain per channel, brightness ori -> mem, ground truth or not, whether it corrected the image or
+    abstained, and why) and `recalled` the memory's best entries for the image (training-image
+    name, sample index, score and its percentile among the memory's own reads).
 
     `enhanced` maps pair names to images made by any other method, used instead of `enhancer`
     (the memory's plug-and-play use). Outputs are written to `<ori_dir|mem_dir>/<name>.png`.
@@ -75,16 +77,11 @@ def evaluate_pairs(enhancer: nn.Module | None, pairs: list[ImagePair], device: t
         if ori_dir is not None:
             write_image(ori_dir / f"{pair.name}.png", ori8)
         if refiner is not None:
-            if hasattr(refiner, "top_entries"):
-                row["recalled"] = refiner.top_entries(x, features)[0]
-            if hasattr(refiner, "refine"):
-                out, (decision,) = refiner.refine(x, y, features)
-                mem8 = to_uint8(tensor_to_image(out))
-                row["memory_effect"] = measure_effect(ori8, mem8, row.get("recalled", ()), decision.corrected,
-                                                      decision.reason)
-            else:
-                mem8 = to_uint8(tensor_to_image(refiner(x, y, features)))
-                row["memory_effect"] = measure_effect(ori8, mem8, row.get("recalled", ()))
+            query = refiner.fp32_query(x, features)  # one query for the recalled entries and the correction
+            row["recalled"] = refiner.top_entries(x, query=query)[0]
+            out, (decision,) = refiner.refine(x, y, query=query)
+            mem8 = to_uint8(tensor_to_image(out))
+            row["memory_effect"] = measure_effect(ori8, mem8, row["recalled"], decision.corrected, decision.reason)
             _scored(row, "mem_", mem8, high, lpips, device)
             if mem_dir is not None:
                 write_image(mem_dir / f"{pair.name}.png", mem8)

@@ -62,13 +62,15 @@ class MemoryRefiner(nn.Module):
         return self.read.recall(self.memory, self.fp32_query(low, features))
 
     @torch.no_grad()
-    def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
-                    n: int = 3) -> list[list[dict[str, Any]]]:
+    def top_entries(self, low: torch.Tensor, features: list[torch.Tensor] | None = None, n: int = 3,
+                    query: torch.Tensor | None = None) -> list[list[dict[str, Any]]]:
         """Per input (B), the `n` best-scoring written slots: their training sample's `name`
         ("unknown" without stored sources), sample `index`, cosine `score` and its `percentile`
-        among the memory's own reads (`score_reference`), best first."""
+        among the memory's own reads (`score_reference`), best first. `query`, when given, is
+        the inputs' `fp32_query`."""
+        query = self.fp32_query(low, features) if query is None else query
         written = int((self.memory.top_index >= 0).sum())
-        best, slots = self.memory.ranked(self.fp32_query(low, features), min(n, written or n))
+        best, slots = self.memory.ranked(query, min(n, written or n))
         rank = self.score_reference.percentile
         return [[{"name": self.sources.name(int(self.memory.top_index[j])),
                   "index": int(self.memory.top_index[j]), "score": round(float(s), 4), "percentile": rank(float(s))}
@@ -83,20 +85,21 @@ class MemoryRefiner(nn.Module):
     def decide(self, low: torch.Tensor, features: list[torch.Tensor] | None = None,
                query: torch.Tensor | None = None) -> list[Decision]:
         """Per input (B), whether the memory corrects it and why (`ReadSettings.decide`): from
-        the read's top-1 score and, where the memory stores its inputs' scenes, the scene match.
-        `query`, when given, is the inputs' `fp32_query`."""
+        the read's top-1 score and, where the read has a scene bound, the scene match with the
+        memory's stored inputs. `query`, when given, is the inputs' `fp32_query`."""
         query = self.fp32_query(low, features) if query is None else query
         best, _ = self.memory.ranked(query, 1)
-        known = self.sources.scenes
-        matches = scene_match(scene_vectors(low.cpu()), known) if known is not None else [None] * len(low)
+        by_scene = self.read.min_scene is not None  # build_refiner: the memory then stores its scenes
+        matches = scene_match(scene_vectors(low.cpu()), self.sources.scenes) if by_scene else [None] * len(low)
         return [self.read.decide(float(s), None if m is None else float(m)) for s, m in zip(best[:, 0], matches)]
 
     @torch.no_grad()
-    def refine(self, low: torch.Tensor, enhanced: torch.Tensor, features: list[torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, list[Decision]]:
+    def refine(self, low: torch.Tensor, enhanced: torch.Tensor, features: list[torch.Tensor] | None = None,
+               query: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Decision]]:
         """(output, decisions): `enhanced`, the enhancer output for `low`, corrected where the
-        memory decides to and left as it is (clamped to [0, 1]) where it abstains."""
-        query = self.fp32_query(low, features)
+        memory decides to and left as it is (clamped to [0, 1]) where it abstains. `query`, when
+        given, is the inputs' `fp32_query`."""
+        query = self.fp32_query(low, features) if query is None else query
         decisions = self.decide(low, query=query)
         out = self.correct(enhanced, self.read.recall(self.memory, query))
         keep = torch.tensor([not d.corrected for d in decisions], device=out.device)
