@@ -208,7 +208,8 @@ def main(args: argparse.Namespace) -> None:
     refiner = None
     if args.mem_weights:
         memory, mem_ckpt = load_memory(args.mem_weights)
-        refiner = refiner_from_flags(memory, mem_ckpt, args, model).to(device)
+        refiner = refiner_from_flags(memory, mem_ckpt, args, model,
+                                     cannot_abstain="a video's frames are corrected by one smoothed colour").to(device)
     height, width = first.shape[:2]
     even_h, even_w = height // 2 * 2, width // 2 * 2  # FFmpeg's 4:2:0 encoders need even sizes
     if (even_h, even_w) != (height, width):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import sys
 import warnings
 from pathlib import Path
 
@@ -114,13 +113,9 @@ def export_refiner(args: argparse.Namespace, enhancer: EMNetEnhancer) -> MemoryR
     if memory.config.pooling_size != 1:
         raise UserError(f"memory {args.mem_weights} stores p = {memory.config.pooling_size} values; only "
                         "p = 1 memories can be exported (ONNX has no adaptive pooling for dynamic sizes)")
-    refiner = refiner_from_flags(memory, ckpt, args, enhancer)
+    refiner = refiner_from_flags(memory, ckpt, args, enhancer, cannot_abstain="the ONNX graph cannot match scenes")
     refiner.memory = written_slots(memory, args.mem_weights)
-    if refiner.read.abstains:
-        print(f"note: memory {args.mem_weights} abstains on scenes it has not seen; the ONNX graph cannot match "
-              "scenes and corrects every image (as test.py --abstain off)", file=sys.stderr)
-    refiner.read = dataclasses.replace(refiner.read, top_k=min(refiner.read.top_k, refiner.memory.config.mem_size),
-                                       min_score=None, min_scene=None)
+    refiner.read = dataclasses.replace(refiner.read, top_k=min(refiner.read.top_k, refiner.memory.config.mem_size))
     return refiner
 
 

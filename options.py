@@ -121,7 +121,8 @@ def add_memory_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     else:
         p.add_argument("--abstain", choices=["stored", "off"], default="stored",
                        help="stored: leave images uncorrected where the memory's stored rule says it has not "
-                            "seen their scene; off: correct every image (the release)")
+                            "seen their scene (export_onnx.py and enhance_video.py cannot, and correct every "
+                            "image with a note); off: correct every image (the release)")
 
 
 def add_max_memory_arg(p: argparse.ArgumentParser) -> None:

@@ -177,10 +177,16 @@ def build_refiner(memory: ExternalMemory, ckpt: dict[str, Any], path: str | Path
     return MemoryRefiner(encoder, memory, head, replace(read, query_encoder=name), sources).eval()
 
 
-def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any,
-                       enhancer: EMNetEnhancer | None) -> MemoryRefiner:
+def refiner_from_flags(memory: ExternalMemory, ckpt: dict[str, Any], args: Any, enhancer: EMNetEnhancer | None,
+                       cannot_abstain: str | None = None) -> MemoryRefiner:
     """`build_refiner` for the memory `args.mem_weights` read as it stores, overridden by the
-    flags of `options.add_memory_args`, as every script that reads a memory takes them."""
+    flags of `options.add_memory_args`, as every script that reads a memory takes them.
+    `cannot_abstain` says why a use corrects every image (the ONNX graph, a video's smoothed
+    colour): the read's abstention bounds are then dropped, with a note where they were set."""
     read = ReadSettings.from_checkpoint(ckpt).with_flags(args)
+    if cannot_abstain is not None and read.abstains:
+        print(f"note: memory {args.mem_weights} abstains on scenes it has not seen; {cannot_abstain}, so it "
+              "corrects every image here (as test.py --abstain off)", file=sys.stderr)
+        read = read.with_bounds(None, None)
     return build_refiner(memory, ckpt, args.mem_weights, enhancer, read, args.query_weights,
                          args.pooling_size, getattr(args, "weights", None))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import random_enhancer, save_memory, tiny_memory
@@ -15,7 +16,8 @@ from models.inference import enhance
 from models.loading import load_memory
 from models.provenance import sources_payload
 from models.read_settings import ReadSettings
-from models.refiner import build_refiner
+from models.refiner import build_refiner, refiner_from_flags
+from utils.errors import UserError
 from utils.image_io import tensor_to_image, to_uint8
 
 
@@ -110,6 +112,25 @@ def test_abstain_off_corrects_every_image(tmp_path):
                                query_encoder=None, abstain="off")
     read = ReadSettings().with_bounds(None, 0.9).with_flags(flags)
     enhancer, refiner = refiner_with_scene(tmp_path, read, seen)
+    y = enhance(enhancer, unseen)
+    out, decisions = refiner.refine(unseen, y)
+    assert decisions[0].corrected and not torch.equal(out, y.clamp(0, 1))
+
+
+def test_uses_that_cannot_abstain_correct_every_image_and_say_so(tmp_path, capsys):
+    """ONNX export and video (`cannot_abstain`) read a memory with a scene bound as --abstain off,
+    with a note, also one whose file lacks the scenes; test.py's read of that file refuses it."""
+    seen, unseen = stripes(0.5, 0.0), stripes(0.13, 5.0)
+    enhancer, _ = refiner_with_scene(tmp_path, ReadSettings().with_bounds(None, 0.9), seen)
+    memory, ckpt = load_memory(tmp_path / "memory.pth")
+    del ckpt["sources"]["scenes"]
+    flags = argparse.Namespace(testing_top_k=None, temperature=None, strength=None, pooling_mean=None,
+                               query_encoder=None, abstain="stored", mem_weights=tmp_path / "memory.pth",
+                               query_weights=None, pooling_size=None)
+    with pytest.raises(UserError, match="stores no scenes"):
+        refiner_from_flags(memory, ckpt, flags, enhancer)
+    refiner = refiner_from_flags(memory, ckpt, flags, enhancer, cannot_abstain="the graph cannot match scenes")
+    assert "abstains on scenes it has not seen; the graph cannot match scenes" in capsys.readouterr().err
     y = enhance(enhancer, unseen)
     out, decisions = refiner.refine(unseen, y)
     assert decisions[0].corrected and not torch.equal(out, y.clamp(0, 1))
