@@ -47,7 +47,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.memory_kfold.folds import fold_of, protocol_inflation, run_variant, scores  # noqa: E402
+from benchmarks.memory_kfold.folds import protocol_inflation, run_variant, scores  # noqa: E402
 from benchmarks.memory_kfold.predictor import predictability  # noqa: E402
 from benchmarks.memory_kfold.report import GROUPED_FLOOR_DB, choose, format_fits, format_rows, write_study  # noqa: E402
 from benchmarks.memory_kfold.statistics import PassStatistics  # noqa: E402
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
     scenes = input_scenes(pairs)
     groups = scene_groups([fp.high for fp in passes], args.group_threshold)
     protocols = {"grouped": grouped_folds(groups, args.folds, args.seed),
-                 "random": fold_of(len(passes), args.folds, args.seed)}
+                 "random": grouped_folds(np.arange(len(passes)), args.folds, args.seed)}  # each image its own group
     rows = study_rows(args, passes, scenes, groups, protocols, ori_scores, stats)
     report = {"train_dir": str(args.train_dir), "weights": str(args.weights), "pairs": len(passes),
               "folds": args.folds, "seed": args.seed, "border_margin": args.border_margin,

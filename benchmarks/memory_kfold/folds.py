@@ -55,13 +55,6 @@ def scores(fp: FrozenPass, recalled: torch.Tensor | None, variant: Variant, stre
     return psnr(out8, fp.high), (ssim(out8, fp.high) if with_ssim else math.nan)
 
 
-def fold_of(n: int, k: int, seed: int) -> np.ndarray:
-    """Fold number (0..k-1) of each of n samples: a seeded permutation cut into k near-equal parts."""
-    folds = np.empty(n, dtype=int)
-    folds[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
-    return folds
-
-
 def _bound(bound: str, fold: Fold, p: int, seed: int, stats: PassStatistics) -> Corrections:
     """The recall of a bound: the held-out target's own colour (oracle), the training mean
     (constant) or the ridge prediction (predictor)."""
