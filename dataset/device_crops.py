@@ -21,7 +21,7 @@ _DRAW_RANGE = 2**62  # offsets are draws in [0, 2**62) modulo the offset count: 
 
 
 def _chw_uint8(img: np.ndarray) -> torch.Tensor:
-    as_uint8 = img if img.dtype == np.uint8 else to_uint8(img)  # 16-bit and float files rounded
+    as_uint8 = to_uint8(img)  # 16-bit and float files rounded
     return torch.from_numpy(np.ascontiguousarray(as_uint8.transpose(2, 0, 1)))  # (3, H, W)
 
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from dataset.pairing import ImagePair
-from utils.image_io import read_image, to_uint8
+from utils.image_io import read_image_compact, to_uint8
 
 SCENE_THUMB_HW = (16, 24)  # height, width of the grey thumbnail that identifies a scene
 DEFAULT_THRESHOLD = 0.9
@@ -30,7 +30,7 @@ def scene_vector(img: np.ndarray) -> np.ndarray:
 def input_scenes(pairs: list[ImagePair]) -> np.ndarray:
     """(N, D) scene vectors of the pairs' low-light inputs, from their 8-bit pixels: what a memory
     stores of its training inputs to tell a scene it has seen (`models.abstention`)."""
-    return np.stack([scene_vector(to_uint8(read_image(pair.low))) for pair in pairs])
+    return np.stack([scene_vector(to_uint8(read_image_compact(pair.low))) for pair in pairs])
 
 
 def scene_groups(targets: list[np.ndarray], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

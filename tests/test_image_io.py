@@ -86,3 +86,11 @@ def test_write_image_round_trip(tmp_path):
     write_image(path, img)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
     np.testing.assert_array_equal(to_uint8(read_image(path)), to_uint8(img))
+
+
+def test_to_uint8_leaves_8_bit_images_as_they_are():
+    """Callers holding uint8 arrays (the decoded training sets, written PNGs) pass them through
+    the one conversion; scaling them by 255 again would saturate them."""
+    img = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    assert np.array_equal(to_uint8(img), img)
+    assert np.array_equal(to_uint8(img.astype(np.float32) / 255.0), img)

@@ -65,7 +65,10 @@ def to_float(img: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Float [0, 1] -> uint8 by rounding (not truncation), the metric convention of docs/METHOD.md."""
+    """Float [0, 1] -> uint8 by rounding (not truncation), the metric convention of docs/METHOD.md;
+    a uint8 image is returned as it is."""
+    if img.dtype == np.uint8:
+        return img
     scaled = img * 255.0
     return np.clip(np.round(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
 
@@ -76,8 +79,7 @@ def write_image(path: str | Path, img: np.ndarray) -> None:
     Written to a temporary name first and renamed, so an interrupted run never leaves half a file.
     """
     path = Path(path)
-    arr = img if img.dtype == np.uint8 else to_uint8(img)
-    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(arr[:, :, ::-1]))
+    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(to_uint8(img)[:, :, ::-1]))
     if not ok:
         raise UserError(f"cannot encode image {path}; use a .png, .jpg or .bmp name")
     atomic_write(path, buf.tobytes())
