@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import random_enhancer, save_memory, tiny_memory
-from dataset.scene_groups import scene_vector
-from models.abstention import fit_bounds, scene_match
+from models.abstention import fit_bounds, scene_match, scene_vectors
 from models.inference import enhance
 from models.loading import load_memory
 from models.provenance import sources_payload
@@ -82,7 +81,7 @@ def test_bounds_are_stored_and_read_back_and_old_files_correct_everything():
 def refiner_with_scene(tmp_path, read: ReadSettings, known: torch.Tensor):
     """The tiny enhancer and a memory whose one training input was `known`."""
     enhancer = random_enhancer("emnet_tiny", 8)
-    scenes = np.stack([scene_vector(to_uint8(tensor_to_image(known)))])
+    scenes = scene_vectors(known)
     extra = {"enhancer_config": enhancer.config.to_dict(), "read": read.to_checkpoint(),
              "sources": sources_payload(["seen"], [np.zeros((8, 8, 3), np.uint8)], scenes)}
     mem = tiny_memory()

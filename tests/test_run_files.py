@@ -2,22 +2,14 @@
 which part, options.yml replaced whole under a write fault, and --resume without a checkpoint."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
-from fault_runs import limited, temporary_files
+from fault_runs import run_limited, temporary_files
+from train_runs import load
 
-from conftest import REPO
 from utils.errors import UserError
 from utils.run_files import Checkpoint, RunFiles
-
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -54,8 +46,6 @@ def test_options_yml_under_a_size_limit_keeps_the_previous_file(tmp_path):
     (env_dir / "models").mkdir(parents=True)
     (env_dir / "options.yml").write_text("lr: 0.0002\n")
     code = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
 from utils.errors import UserError
 from utils.run_files import RunFiles
 try:
@@ -63,8 +53,7 @@ try:
 except UserError as err:
     print(err)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          preexec_fn=limited(4096), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    proc = run_limited("-c", code, limit_bytes=4096)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"cannot write {env_dir / 'options.yml'}: File too large (EFBIG)"), proc.stdout
     assert (env_dir / "options.yml").read_text() == "lr: 0.0002\n"
