@@ -122,8 +122,7 @@ def measure_memory_module(arch: str, dim: int, args: argparse.Namespace) -> dict
                             sources=EntrySources({"sources": sources_payload([], [], scenes)}))
     x = torch.rand(1, 3, args.height, args.width, device=device)
     with torch.no_grad():
-        y = net(x).clamp(0, 1)
-        _, features = enhance_with_features(model, x)
+        y, features = enhance_with_features(model, x)  # the correction's input and the decision's features
         q = refiner.query(x)
         recalled = memory.read(q)
         steps = {"query": lambda: refiner.query(x), "read": lambda: memory.read(q),
