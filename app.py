@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ from options import (  # noqa: E402
     set_memory_budget,
 )
 from utils.allocator import tune_allocator  # noqa: E402
-from utils.bundled import BUNDLED  # noqa: E402
+from utils.bundled import BUNDLED, BUNDLED_DIR  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.image_io import is_image_file  # noqa: E402
@@ -40,16 +41,26 @@ from utils.memory_effect import UNCHANGED_PCT, MemoryEffect  # noqa: E402
 
 NO_MEMORY = "none"
 MAX_EXAMPLES = 24  # thumbnails shown from --examples
-# What the dropdowns say of the bundled files (README "Weights"; CPU speeds: benchmarks/README.md,
-# 0.84 against 4.35 s per 600x400 image with the fast path).
-HINTS = {
-    "emnet_small16_lolv1_cpu.pth": "small16: ~5x faster on a CPU, eval15 19.6 dB",
-    "emnet_dim32_lolv1_h200_bf16.pth": "dim32: the published size, eval15 21.3 dB",
-    "emnet_small16_lolv1_levels_memory.pth": "small16 memory: for the small16 enhancer",
-    "emnet_dim32_lolv1_levels_memory.pth": "dim32 memory: for the dim32 enhancer",
-    NO_MEMORY: "none: the enhancer alone",
-}
-EFFECT_NOTE = (f"unchanged: \\|brightness change\\| < {UNCHANGED_PCT:g} %; percentile: of the best score among the "
+
+
+def hints() -> dict[str, str]:
+    """What the dropdowns say of the bundled files (README "Weights"; CPU speeds: benchmarks/README.md,
+    0.84 against 4.35 s per 600x400 image with the fast path), with the eval15 PSNR of each enhancer
+    as pre_trained_logs/model_card.json holds it (measured; tests/test_bundled_weights.py checks it)."""
+    card = json.loads((BUNDLED_DIR / "model_card.json").read_text())
+    psnr = {Path(e["weights"]).name: e["mean"]["ori_psnr"] for e in card["eval15"]}
+    return {
+        "emnet_small16_lolv1_cpu.pth": f"small16: ~5x faster on a CPU, eval15 {psnr['emnet_small16_lolv1_cpu.pth']:.1f} dB",
+        "emnet_dim32_lolv1_h200_bf16.pth": f"dim32: the published size, eval15 "
+                                           f"{psnr['emnet_dim32_lolv1_h200_bf16.pth']:.1f} dB",
+        "emnet_small16_lolv1_levels_memory.pth": "small16 memory: for the small16 enhancer",
+        "emnet_dim32_lolv1_levels_memory.pth": "dim32 memory: for the dim32 enhancer",
+        NO_MEMORY: "none: the enhancer alone",
+    }
+
+
+HINTS = hints()
+TABLE_CAPTION = (f"unchanged: \\|brightness change\\| < {UNCHANGED_PCT:g} %; percentile: of the best score among the "
                "memory's own training reads (README, *What the memory changed*)")
 
 
@@ -160,7 +171,7 @@ def build_ui(demo: Demo, examples: list[str]):
                                     format="png", scale=3)
             with gr.Column(scale=1):
                 effect = gr.Dataframe(headers=["column", "value"], label="what the memory changed")
-                gr.Markdown(EFFECT_NOTE)
+                gr.Markdown(TABLE_CAPTION)
         with gr.Row():
             recalled = gr.Dataframe(headers=["recalled training image", "score", "percentile among own reads"],
                                     label="recalled by the memory")

@@ -170,8 +170,11 @@ def test_app_matches_the_plain_network_and_survives_bad_uploads(tmp_path):
                                                   for _, score, rank in recalled["data"])
         check_examples(client, url, examples)
         choices = dropdowns(url)
+        card = json.loads((REPO / "pre_trained_logs" / "model_card.json").read_text())["eval15"]
+        psnr = {Path(e["weights"]).name: e["mean"]["ori_psnr"] for e in card}
         assert [label for label, _ in choices["enhancer"]] == [
-            "dim32: the published size, eval15 21.3 dB", "small16: ~5x faster on a CPU, eval15 19.6 dB"]
+            f"dim32: the published size, eval15 {psnr['emnet_dim32_lolv1_h200_bf16.pth']:.1f} dB",
+            f"small16: ~5x faster on a CPU, eval15 {psnr['emnet_small16_lolv1_cpu.pth']:.1f} dB"]
         assert [value for _, value in choices["enhancer"]][1] == WEIGHTS
         assert all("/" not in label for label, _ in choices["memory"])
         assert MEMORY in [value for _, value in choices["memory"]]
