@@ -30,7 +30,7 @@ from utils.atomic import atomic_write_text
 from utils.image_io import write_image
 from utils.memory_effect import EFFECT_NOTE, effect_columns, effect_line
 from utils.previews import PREVIEW_SIDE, ImagePair, PageImage, write_previews
-from utils.report import PAIRED
+from utils.report import PAIRED, csv_row
 
 ASSETS = Path(__file__).resolve().parent / "page_assets"
 SELFTEST = "selftest.js"  # the self-test driver, beside index.html; page.js loads it by this name
@@ -98,8 +98,7 @@ def metrics_table(rows: list[dict[str, Any]], columns: list[str], means: dict[st
     order = sorted(range(len(rows)), key=lambda i: natural_key(str(rows[i]["name"])))
     body = []
     for i in order:
-        effect = rows[i].get("memory_effect")
-        r = {**with_diffs(rows[i], columns), **(effect.columns() if effect is not None else {})}
+        r = with_diffs(csv_row(rows[i]), columns)
         cells = "".join(_cell(c, r.get(c), c in effects) for c in cols)
         body.append(f'<tr data-i="{i}"><td>{html.escape(str(r["name"]))}</td>{cells}</tr>')
     foot = "".join(_foot(means.get(c)) for c in cols)
