@@ -9,7 +9,7 @@ import torch
 from benchmarks.memory_kfold.folds import Corrections, Fold, fold_corrections
 from benchmarks.memory_kfold.predictor import predictability
 from benchmarks.memory_kfold.statistics import PassStatistics
-from benchmarks.memory_kfold.variants import BOUND_BASE, BUNDLED_READ, BY_NAME, VARIANTS, StrengthRule
+from benchmarks.memory_kfold.variants import BOUND_BASE, BY_NAME, VARIANTS, StrengthRule
 from dataset.scene_groups import grouped_folds, scene_groups
 from models.frozen_pass import FrozenPass
 
@@ -164,4 +164,4 @@ def test_predictability_tells_a_predictable_correction_from_noise():
 
 
 def test_variant_names_are_unique_and_named():
-    assert len(BY_NAME) == len(VARIANTS) and BY_NAME[BUNDLED_READ].query == "enhancer_levels"
+    assert len(BY_NAME) == len(VARIANTS)

@@ -95,7 +95,6 @@ VARIANTS = (
             strength=Strength(StrengthRule.FIXED, 1.0), abstain="scene"),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-BUNDLED_READ = "images, levels, k=1, softmax"  # how the bundled memory reads (without abstention)
 BOUND_BASE = BY_NAME["images, k=1, softmax"]  # the read the bounds replace the recall of
 BOUNDS = {"oracle": "bound: oracle recall, softmax", "oracle_full": "bound: oracle recall, full gain",
           "constant": "bound: constant training mean, softmax",
