@@ -24,6 +24,7 @@ from models.enhancer import EMNetEnhancer, make_config  # noqa: E402
 from models.loading import ENHANCER_FORMAT, memory_payload  # noqa: E402
 from models.memory import ExternalMemory, MemoryConfig  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.image_io import read_image, to_uint8  # noqa: E402
 
 # The suite never downloads (ImageNet backbones come from random-weight local files); passed on
 # to subprocesses through the environment.
@@ -31,6 +32,8 @@ os.environ["EMNET_NO_DOWNLOAD"] = "1"
 
 # Makes torch 2-3x faster on the CPU machines this suite runs on; passed on to subprocesses.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+SMALL16_WEIGHTS = "pre_trained_logs/enhancer/emnet_small16_lolv1_cpu.pth"  # the bundled CPU enhancer
+SMALL16_MEMORY = "pre_trained_logs/memory/emnet_small16_lolv1_levels_memory.pth"  # and its memory
 
 
 @pytest.fixture
@@ -65,6 +68,11 @@ def lol_root() -> Path:
 def random_rgb(seed: int, size=(6, 5)) -> np.ndarray:
     """Random uint8 RGB pixels of `size` (H, W), seed-determined."""
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def png_means(path: Path | str) -> np.ndarray:
+    """Mean 8-bit level per channel (R, G, B) of an image file, as written."""
+    return to_uint8(read_image(path)).reshape(-1, 3).astype(np.float64).mean(axis=0)
 
 
 def write_png(path: Path, img: np.ndarray) -> Path:

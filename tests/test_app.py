@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GLIBC_TUNABLES, REPO, write_png
+from conftest import GLIBC_TUNABLES, REPO, SMALL16_MEMORY, SMALL16_WEIGHTS, png_means, write_png
 from models.inference import BORDER_MARGIN
 from models.loading import load_enhancer, load_memory
 from models.memory import refine_with_memory
@@ -29,8 +29,7 @@ gradio_client = pytest.importorskip("gradio_client", reason="the demo's requirem
                                     "pip install -r requirements-demo.txt")
 pytest.importorskip("gradio", reason="the demo's requirements are not installed: pip install -r requirements-demo.txt")
 
-WEIGHTS = "pre_trained_logs/enhancer/emnet_small16_lolv1_cpu.pth"
-MEMORY = "pre_trained_logs/memory/emnet_small16_lolv1_levels_memory.pth"
+WEIGHTS, MEMORY = SMALL16_WEIGHTS, SMALL16_MEMORY
 MAX_PIXELS = 20000  # the refused "panorama" below is 200x150 = 30000 pixels
 
 
@@ -103,9 +102,6 @@ def check_outputs(files: list[str], reference: tuple[np.ndarray, np.ndarray]) ->
         worst = int(diff.max())
         assert worst <= 1, f"{stage}: {(diff > 1).sum()} pixels off the plain network, by up to {worst}"
 
-
-def png_means(path) -> np.ndarray:
-    return to_uint8(read_image(path)).reshape(-1, 3).astype(np.float64).mean(axis=0)
 
 
 def check_effect(rows: list[list[str]], ori: Path, mem: Path) -> None:

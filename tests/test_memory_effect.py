@@ -12,15 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_csv, run_test_py, unit, write_png
+from conftest import SMALL16_MEMORY, SMALL16_WEIGHTS, png_means, read_csv, run_test_py, unit, write_png
 from models.loading import load_memory
 from models.memory import ExternalMemory, MemoryConfig
 from models.refiner import MemoryRefiner
-from utils.image_io import read_image, to_uint8
 from utils.memory_effect import UNCHANGED_PCT, ScoreReference, effect_line, measure_effect
 
-WEIGHTS = "pre_trained_logs/enhancer/emnet_small16_lolv1_cpu.pth"
-MEMORY = "pre_trained_logs/memory/emnet_small16_lolv1_levels_memory.pth"
+WEIGHTS, MEMORY = SMALL16_WEIGHTS, SMALL16_MEMORY
 
 
 def flat(level: tuple[int, int, int], hw=(4, 6)) -> np.ndarray:
@@ -121,9 +119,6 @@ def photos_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     return {"proc": proc, "result": result}
 
-
-def png_means(path) -> np.ndarray:
-    return to_uint8(read_image(path)).reshape(-1, 3).astype(np.float64).mean(axis=0)
 
 
 def test_metrics_csv_gain_and_brightness_are_those_of_the_written_pngs(photos_run):
