@@ -192,9 +192,8 @@ class ValidationSet:
         recalled = read.recall(memory, q).cpu()
         corrected = [True] * len(self.passes)
         if read.abstains:
-            top1 = memory.ranked(q, 1)[0][:, 0].cpu()
-            matches = scene_match(self.scenes, known)
-            corrected = [read.decide(float(s), float(m)).corrected for s, m in zip(top1, matches)]
+            top1 = memory.ranked(q, 1)[0][:, 0].cpu().double().numpy()
+            corrected = read.corrects(top1, scene_match(self.scenes, known)).tolist()
         p = memory.config.pooling_size
         mem_rows = [{f"mem_{k}": v for k, v in score(to_uint8(tensor_to_image(
             read.correct(fp.ori[None].float(), r[None], p) if on else fp.ori[None].float())), fp.high).items()}

@@ -59,6 +59,18 @@ def decide(score: float, scene_match: float | None, min_score: float | None,
     return Decision(True, "corrected: " + "; ".join(passed))
 
 
+def corrected(scores: np.ndarray, matches: np.ndarray | None, min_score: float | None,
+              min_scene: float | None) -> np.ndarray:
+    """(N,) True where `decide` corrects, for many reads at once (fits, validation, the study):
+    float64 `scores` and scene `matches` (N,) against the bounds (None: no bound)."""
+    on = np.ones(len(scores), dtype=bool)
+    if min_score is not None:
+        on &= np.asarray(scores, dtype=np.float64) > min_score
+    if min_scene is not None:
+        on &= np.asarray(matches, dtype=np.float64) > min_scene
+    return on
+
+
 def scene_vectors(low: torch.Tensor) -> np.ndarray:
     """(B, D) scene thumbnails of low-light inputs (B, 3, H, W) in [0, 1], from their 8-bit
     pixels, as the memory's training inputs were described."""
@@ -105,11 +117,7 @@ def fit_bounds(rule: str, gains: np.ndarray, scores: np.ndarray, matches: np.nda
     best, chosen = None, (None, None)
     for lo_score, lo_scene in itertools.product(_candidates(scores, rule in ("score", "both"), grid),
                                                 _candidates(matches, rule in ("scene", "both"), grid)):
-        on = np.ones(len(gains), dtype=bool)
-        if lo_score is not None:
-            on &= scores > lo_score
-        if lo_scene is not None:
-            on &= matches > lo_scene
+        on = corrected(scores, matches, lo_score, lo_scene)
         if on.any() and not reliable_gain(gains[on]):
             continue
         # the most gain; then the fewest images corrected; then the fewest bounds
@@ -155,7 +163,7 @@ def fit_abstention(rule: str, memory: ExternalMemory, queries: torch.Tensor, gro
     matches = scene_match(scenes, scenes, hide=groups[:, None] == groups[None])
     min_score, min_scene = fit_bounds(rule, gains, scores, matches)
     fitted = read.with_bounds(min_score, min_scene)
-    on = np.array([fitted.decide(s, m).corrected for s, m in zip(scores, matches)])
+    on = corrected(scores, matches, min_score, min_scene)
     return fitted, {"rule": rule, "min_score": min_score, "min_scene": min_scene,
                     "unseen_reads": len(gains), "corrected": int(on.sum()),
                     "mean_gain_all": float(gains.mean()), "mean_gain_with_rule": float(np.where(on, gains, 0).mean())}

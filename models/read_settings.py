@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 
-from models.abstention import Decision, decide
+from models.abstention import Decision, corrected, decide
 from models.memory import ExternalMemory, refine_with_memory
 from utils.errors import UserError
 
@@ -75,6 +76,10 @@ class ReadSettings:
         """Whether an image whose read scores `score` and whose scene match is `scene_match` is
         corrected (`models.abstention.decide`)."""
         return decide(score, scene_match, self.min_score, self.min_scene)
+
+    def corrects(self, scores: np.ndarray, scene_matches: np.ndarray | None) -> np.ndarray:
+        """`decide`'s verdict for many reads at once: (N,) True where an image is corrected."""
+        return corrected(scores, scene_matches, self.min_score, self.min_scene)
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The checkpoint's "read" entry (the query encoder is stored beside it); bounds only when

@@ -84,7 +84,7 @@ def _abstention(variant: Variant, memory: ExternalMemory, fold: Fold, strength: 
                                fold.scenes, [fp.ori for fp in fold.train], [fp.high for fp in fold.train],
                                variant.read(strength))
     matches = scene_match(fold.held_scenes, fold.scenes)
-    corrected = [read.decide(float(s), float(m)).corrected for s, m in zip(held_top1, matches)]
+    corrected = read.corrects(np.asarray(held_top1, dtype=np.float64), matches).tolist()
     return corrected, {k: fit[k] for k in ("min_score", "min_scene", "corrected")}
 
 
